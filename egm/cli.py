@@ -1,0 +1,113 @@
+"""The ``egm`` command.
+
+``egm fit|validate|test|predict`` is Lightning's ``LightningCLI`` (configs, dotted overrides such
+as ``--model.lr 3e-6``, ``--print_config``, ``class_path`` subclass selection): the recipes in
+``configs/`` name the LightningModule and LightningDataModule they use.
+
+The other subcommands (``egm demo``, ``egm make-tiny``, ...) are plain type-hinted functions
+exposed through jsonargparse, so they get the same ``--config``/``--print_config`` handling.
+They are registered below by dotted path and imported only when called: ``egm --help`` and a
+tool's ``--help`` never import torch, Lightning, vLLM or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+LIGHTNING_COMMANDS = {
+    "fit": "train a model (SFT or GRPO, chosen by the config's model.class_path)",
+    "validate": "run the validation loop (grounding accuracy per eval split)",
+    "test": "run the test loop on the configured eval splits",
+    "predict": "generate answers for a datamodule's predict split",
+}
+
+# name -> ("module:function", one-line help). The function's signature is the command's schema.
+TOOL_COMMANDS: dict[str, tuple[str, str]] = {}
+
+
+def register_tool(name: str, target: str, help: str) -> None:
+    """Add an ``egm <name>`` subcommand that calls ``module:function`` via jsonargparse."""
+    TOOL_COMMANDS[name] = (target, help)
+
+
+register_tool("make-tiny", "egm.models.tiny:make_tiny", "write a tiny random Qwen3-VL / InternVL checkpoint folder")
+register_tool("make-synthetic", "egm.data.synthetic:make_synthetic", "render the synthetic grounding world (images + manifests)")
+register_tool("import-refer", "egm.data.refer:import_refer", "RefCOCO/+/g (REFER layout) -> JSONL manifests")
+register_tool("import-cocoa", "egm.data.cocoa:import_cocoa", "COCO-Amodal annotations -> JSONL manifest")
+register_tool("import-tao-amodal", "egm.data.tao_amodal:import_tao_amodal", "TAO-Amodal annotations -> JSONL manifest")
+
+
+def _usage() -> str:
+    width = max(len(n) for n in [*LIGHTNING_COMMANDS, *TOOL_COMMANDS])
+    lines = [
+        "usage: egm <command> [--config CONFIG.yaml] [--section.key VALUE ...]",
+        "",
+        "EGM: efficient visual grounding with test-time reasoning (SFT + GRPO) on small VLMs.",
+        "",
+        "Lightning commands (LightningCLI; see `egm fit --help`):",
+        *(f"  {n:<{width}}  {h}" for n, h in LIGHTNING_COMMANDS.items()),
+        "",
+        "Tools (see `egm <tool> --help`):",
+        *(f"  {n:<{width}}  {h}" for n, (_, h) in TOOL_COMMANDS.items()),
+        "",
+        "Examples:",
+        "  egm fit --config configs/demo_sft.yaml",
+        "  egm fit --config configs/rl_internvl.yaml --model.lr 3e-6 --print_config",
+    ]
+    return "\n".join(lines)
+
+
+def _resolve(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def run_tool(name: str, args: Sequence[str]):
+    """Run a registered tool command with jsonargparse (``--config`` and ``--print_config`` work)."""
+    from jsonargparse import auto_cli
+
+    target, _ = TOOL_COMMANDS[name]
+    fn = _resolve(target)
+    return auto_cli(fn, args=list(args), as_positional=False)
+
+
+def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
+    """Build the ``LightningCLI`` behind ``egm fit|validate|test|predict``.
+
+    Model and datamodule are chosen by ``class_path`` in the config (subclass mode), so one
+    command serves SFT, GRPO and evaluation recipes. Optimisers are configured by each module
+    (the paper's schedules are part of the recipe), not by the CLI.
+    """
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    return LightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=None if args is None else list(args),
+        run=run,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    if argv[0] in TOOL_COMMANDS:
+        run_tool(argv[0], argv[1:])
+        return
+    if argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
+        print(f"egm: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    lightning_cli(argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,81 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from egm import cli
+
+HERE = Path(__file__).resolve().parent
+ENV = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def _egm(*args, timeout=180):
+    return subprocess.run(
+        [sys.executable, "-m", "egm.cli", *args], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
+
+
+def test_top_level_help_is_light():
+    """`egm --help` must not import torch/Lightning (fast, works without a GPU)."""
+    code = "import sys, egm.cli; egm.cli.main(['--help']); print(sorted(m for m in ('torch','lightning','vllm','deepspeed') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "fit" in out and "make-tiny" in out
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_unknown_command_exits_2():
+    r = _egm("frobnicate")
+    assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+@pytest.fixture
+def toy_config(tmp_path):
+    cfg = {
+        "seed_everything": 3,
+        "trainer": {"max_steps": 2, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "default_root_dir": str(tmp_path)},
+        "model": {"class_path": "toy_lightning.ToyRegression", "init_args": {"lr": 0.1, "hidden": 4}},
+        "data": {"class_path": "toy_lightning.ToyData", "init_args": {"n": 8}},
+    }
+    p = tmp_path / "toy.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_fit_help_lists_trainer_and_model_options():
+    r = _egm("fit", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "--trainer.max_steps" in r.stdout and "--model" in r.stdout and "--print_config" in r.stdout
+
+
+def test_print_config_shows_dotted_override(toy_config):
+    r = _egm("fit", "--config", str(toy_config), "--model.lr", "3e-06", "--print_config")
+    assert r.returncode == 0, r.stderr
+    printed = yaml.safe_load(r.stdout)
+    assert printed["model"]["class_path"] == "toy_lightning.ToyRegression"
+    assert printed["model"]["init_args"]["lr"] == pytest.approx(3e-6)
+    assert printed["model"]["init_args"]["hidden"] == 4
+    assert printed["trainer"]["max_steps"] == 2
+
+
+def test_fit_runs_and_override_reaches_module(toy_config, monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+    c = cli.lightning_cli(["fit", "--config", str(toy_config), "--model.lr", "0.05", "--model.hidden", "3"])
+    assert c.model.hparams.lr == 0.05 and c.model.net[0].out_features == 3
+    assert c.trainer.global_step == 2
+    assert (Path(c.trainer.log_dir or toy_config.parent) / "config.yaml").exists()
+
+
+def test_tool_command_goes_through_jsonargparse(monkeypatch, capsys):
+    seen = {}
+
+    def fake_tool(out_dir: str, seed: int = 0) -> None:
+        seen.update(out_dir=out_dir, seed=seed)
+
+    monkeypatch.setitem(cli.TOOL_COMMANDS, "fake", ("fake_mod:fake_tool", "test"))
+    monkeypatch.setattr(cli, "_resolve", lambda target: fake_tool)
+    cli.main(["fake", "--out_dir", "x", "--seed", "7"])
+    assert seen == {"out_dir": "x", "seed": 7}
