@@ -1,0 +1,139 @@
+"""Per-split predictions JSONL: appended record by record, readable after a kill, resumable.
+
+Each line is one evaluated sample (fields of :data:`PREDICTION_FIELDS`). The writer flushes every
+record, so a killed run leaves at most one partial last line; :func:`read_jsonl` ignores such a
+line and :class:`JsonlAppender` cuts it off before appending, so a rerun resumes cleanly and skips
+the ids already present. A malformed line *before* the last one is real corruption and raises
+with the file and line number (fail loudly at the edge).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+PREDICTION_FIELDS: tuple[str, ...] = (
+    "id",            # sample id
+    "split",         # split name the sample was evaluated under
+    "task",          # vanilla | amodal
+    "sentence",      # referring expression
+    "image",         # image path (for qualitative panels)
+    "width", "height",
+    "gt_box",        # ground truth, pixel xyxy
+    "pred_box",      # parsed prediction, pixel xyxy, or null
+    "iou",           # IoU(pred, gt); 0 when there is no prediction
+    "success",       # IoU > 0.5 (paper Eq. 1)
+    "parse_failure",  # the answer text could not be parsed into a box
+    "failure",       # None, a parse-failure kind (from egm.answers), "image_error" or "parse_error"
+    "error",         # free-text detail for failures (e.g. the image exception)
+    "reasoning",     # reasoning text extracted from the answer
+    "answer",        # raw generated text
+    "num_tokens",    # generated tokens (None when the generator did not say)
+    "latency_ms",    # wall time of the batch divided by its size (throughput, not paper latency)
+    "batch_size",    # size of the generation batch this record came from
+)
+
+
+def _split_lines(data: bytes) -> tuple[list[tuple[int, bytes]], bytes, int]:
+    """Complete lines with their start offsets, the trailing partial chunk, and its offset."""
+    lines, start = [], 0
+    while True:
+        nl = data.find(b"\n", start)
+        if nl < 0:
+            return lines, data[start:], start
+        lines.append((start, data[start:nl]))
+        start = nl + 1
+
+
+def _scan(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Parse a JSONL file; returns records and the byte length of its valid prefix."""
+    data = path.read_bytes()
+    lines, tail, _ = _split_lines(data)
+    records: list[dict[str, Any]] = []
+    good_end = 0
+    for n, (offset, raw) in enumerate(lines, start=1):
+        if not raw.strip():
+            good_end = offset + len(raw) + 1
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+        records.append(obj)
+        good_end = offset + len(raw) + 1
+    if tail.strip():
+        try:
+            obj = json.loads(tail)
+        except json.JSONDecodeError:
+            return records, good_end  # partial last line from a kill: ignored
+        if isinstance(obj, dict):
+            records.append(obj)
+            return records, len(data)  # complete record missing only its newline
+    return records, good_end
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All complete records of a JSONL file ([] when it does not exist); a partial last line is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return _scan(path)[0]
+
+
+def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Records keyed by id (the first record of an id wins)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in read_jsonl(path):
+        out.setdefault(str(r["id"]), r)
+    return out
+
+
+class JsonlAppender:
+    """Append-only JSONL store keyed by ``id`` that resumes after a kill.
+
+    On open the file is scanned, a partial last line is truncated away (and a complete last record
+    missing its newline gets one), so that new records always start on a fresh line.
+
+    >>> with JsonlAppender(path) as w:          # doctest: +SKIP
+    ...     if "a1" not in w.done_ids: w.append({"id": "a1", ...})
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.records: list[dict[str, Any]] = []
+        if self.path.exists():
+            self.records, good_end = _scan(self.path)
+            size = self.path.stat().st_size
+            with open(self.path, "r+b") as fh:
+                if good_end < size:
+                    fh.truncate(good_end)
+                if good_end > 0:
+                    fh.seek(good_end - 1)
+                    if fh.read(1) != b"\n":
+                        fh.seek(0, os.SEEK_END)
+                        fh.write(b"\n")
+        self.done_ids: set[str] = {str(r["id"]) for r in self.records}
+        self._fh = open(self.path, "a", encoding="utf-8")
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Write one record as a single line and flush it (a kill loses at most this line)."""
+        line = json.dumps(dict(record), ensure_ascii=False) + "\n"
+        self._fh.write(line)
+        self._fh.flush()
+        self.records.append(dict(record))
+        self.done_ids.add(str(record["id"]))
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "JsonlAppender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

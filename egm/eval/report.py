@@ -1,0 +1,164 @@
+"""Tables shaped like paper Tables 3 and 4 (plus an efficiency table for Figure 4) from results.json files.
+
+One results file (written by :func:`egm.eval.runner.evaluate`) is one row. Accuracies are printed
+as percentages with one decimal, as in the paper; a split that was not evaluated prints ``-``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from egm.eval.benchmarks import (
+    AMODAL_COLUMN, AVG_COLUMN, MODEL_COLUMN, REFCOCO_SPLITS, canonical_split, table3_columns, table4_columns,
+)
+from egm.eval.metrics import amodal_accuracy, refcoco_average
+
+MISSING = "-"
+EFFICIENCY_COLUMNS = [MODEL_COLUMN, "#Params (B)", "#GPUs", "Latency (ms)", "Latency p50 (ms)",
+                      "Latency p90 (ms)", "GPU latency (ms)", "#Tokens", AVG_COLUMN]
+
+
+def load_results(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+    """Read results files (a directory means its ``results.json``); validates the fields the report uses."""
+    out = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            p = p / "results.json"
+        try:
+            r = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p}: cannot read results: {e}") from None
+        for key in ("model", "splits"):
+            if key not in r:
+                raise ValueError(f"{p}: field '{key}' missing")
+        r["splits"] = {canonical_split(k): v for k, v in r["splits"].items()}
+        out.append(r)
+    return out
+
+
+def pct(x: float | None) -> str:
+    """Fraction -> percent with one decimal; the epsilon rounds binary ties like 0.6375 half up."""
+    return MISSING if x is None else f"{100.0 * x + 1e-9:.1f}"
+
+
+def _num(x: float | None, fmt: str = "{:.0f}") -> str:
+    return MISSING if x is None else fmt.format(x)
+
+
+def table3_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """Table 3: per-split accuracy on the eight RefCOCO splits and their macro average."""
+    rows = []
+    for r in results:
+        row = {MODEL_COLUMN: r["model"]}
+        for s in REFCOCO_SPLITS:
+            m = r["splits"].get(s.name)
+            row[s.label] = pct(m["accuracy"] if m else None)
+        row[AVG_COLUMN] = pct(refcoco_average(r["splits"]))
+        rows.append(row)
+    return rows
+
+
+def table4_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """Table 4: pooled accuracy over the amodal (COCO-Amodal val + test) samples."""
+    return [{MODEL_COLUMN: r["model"], AMODAL_COLUMN: pct(amodal_accuracy(r["splits"]))} for r in results]
+
+
+def efficiency_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """Sec. 5.5 / Figure 4 numbers: parameters, latency (mean, p50, p90), GPU latency, tokens, accuracy."""
+    rows = []
+    for r in results:
+        lat = r.get("latency") or {}
+        n_params = r.get("n_params")
+        rows.append({
+            MODEL_COLUMN: r["model"],
+            "#Params (B)": _num(n_params / 1e9 if n_params else None, "{:.2f}"),
+            "#GPUs": str(r.get("num_gpus", 1)),
+            "Latency (ms)": _num(lat.get("mean_ms")),
+            "Latency p50 (ms)": _num(lat.get("p50_ms")),
+            "Latency p90 (ms)": _num(lat.get("p90_ms")),
+            "GPU latency (ms)": _num(lat.get("gpu_mean_ms")),
+            "#Tokens": _num(lat.get("mean_tokens"), "{:.1f}"),
+            AVG_COLUMN: pct(refcoco_average(r["splits"])),
+        })
+    return rows
+
+
+def to_markdown(rows: Sequence[dict[str, str]], columns: Sequence[str]) -> str:
+    """GitHub Markdown table; the model column is left-aligned, numbers right-aligned."""
+    head = "| " + " | ".join(columns) + " |"
+    sep = "| " + " | ".join(":---" if c == MODEL_COLUMN else "---:" for c in columns) + " |"
+    body = ["| " + " | ".join(str(row.get(c, MISSING)) for c in columns) + " |" for row in rows]
+    return "\n".join([head, sep, *body]) + "\n"
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, str]], columns: Sequence[str]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(columns))
+        w.writeheader()
+        for row in rows:
+            w.writerow({c: row.get(c, MISSING) for c in columns})
+
+
+def write_tables(results: Sequence[dict[str, Any]], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``table3``, ``table4`` and ``efficiency`` as ``.md`` and ``.csv``; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = {
+        "table3": (table3_rows(results), table3_columns()),
+        "table4": (table4_rows(results), table4_columns()),
+        "efficiency": (efficiency_rows(results), EFFICIENCY_COLUMNS),
+    }
+    paths: dict[str, Path] = {}
+    for name, (rows, cols) in tables.items():
+        (out / f"{name}.md").write_text(to_markdown(rows, cols), encoding="utf-8")
+        write_csv(out / f"{name}.csv", rows, cols)
+        paths[f"{name}.md"], paths[f"{name}.csv"] = out / f"{name}.md", out / f"{name}.csv"
+    return paths
+
+
+def make_report(
+    results: list[str],
+    out_dir: str = "reports",
+    figure: bool = True,
+    histogram: bool = True,
+    qualitative: int = 0,
+    seed: int = 0,
+) -> dict[str, str]:
+    """Tables 3/4 + efficiency (Markdown, CSV), the Figure 4 plot and IoU histograms from results files.
+
+    Args:
+        results: results.json files or the evaluation folders that contain them (one row each).
+        out_dir: where the report goes.
+        figure: write ``accuracy_vs_latency.{png,svg}`` (Figure 4) when latencies are present.
+        histogram: write ``iou_hist_<model>.png`` from each run's predictions folder when present.
+        qualitative: number of Figure 2/6-style panels per run (0 = none): failures first, seeded.
+        seed: seed of the qualitative sample choice.
+    """
+    from egm.eval import plots  # matplotlib only when a figure is asked for
+
+    loaded = load_results(results)
+    out = Path(out_dir)
+    written = {k: str(v) for k, v in write_tables(loaded, out).items()}
+    if figure and any((r.get("latency") or {}).get("gpu_mean_ms") for r in loaded):
+        for p in plots.accuracy_vs_latency(loaded, out / "accuracy_vs_latency"):
+            written[p.name] = str(p)
+    for src, r in zip(results, loaded):
+        pred_dir = (Path(src) if Path(src).is_dir() else Path(src).parent) / "predictions"
+        if not pred_dir.is_dir():
+            continue
+        records = plots.load_prediction_records(pred_dir)
+        tag = plots.slug(r["model"])
+        if histogram and records:
+            p = plots.iou_histogram(records, out / f"iou_hist_{tag}.png", title=r["model"])
+            written[p.name] = str(p)
+        if qualitative and records:
+            chosen = plots.pick_examples(records, qualitative, seed=seed)
+            p = plots.qualitative_panels(chosen, out / f"qualitative_{tag}.png")
+            written[p.name] = str(p)
+    return written

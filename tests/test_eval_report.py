@@ -1,0 +1,116 @@
+"""Tables 3/4 (Markdown, CSV) and figures (PNG sizes, SVG is XML) from results files."""
+
+import csv
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+from PIL import Image
+
+from egm.eval.benchmarks import REFCOCO_SPLIT_NAMES, table3_columns
+from egm.eval.plots import accuracy_vs_latency, iou_histogram, qualitative_panels
+from egm.eval.report import EFFICIENCY_COLUMNS, load_results, make_report, table3_rows, write_tables
+
+
+def split(acc, n=1000, task="vanilla"):
+    k = round(acc * n)
+    return {"n": n, "n_success": k, "accuracy": k / n, "mean_iou": 0.7, "task": task,
+            "n_parse_failures": 0, "parse_failure_rate": 0.0, "n_image_failures": 0, "mean_tokens": 50.0}
+
+
+def results(model, accs, amodal=None, gpu_ms=None, n_params=None, num_gpus=1):
+    sp = {name: split(a) for name, a in zip(REFCOCO_SPLIT_NAMES, accs)}
+    if amodal:
+        sp["cocoa_val"] = split(amodal[0], n=400, task="amodal")
+        sp["cocoa_test"] = split(amodal[1], n=600, task="amodal")
+    lat = None if gpu_ms is None else {"n": 10, "mean_ms": gpu_ms / num_gpus, "p50_ms": 1.0, "p90_ms": 2.0,
+                                         "gpu_mean_ms": gpu_ms, "mean_tokens": 123.4}
+    return {"model": model, "n_params": n_params, "num_gpus": num_gpus, "splits": sp, "latency": lat}
+
+
+# Table 3 rows of the paper
+EGM_2B = [0.930, 0.940, 0.894, 0.878, 0.917, 0.827, 0.886, 0.893]
+BASE_2B = [0.875, 0.914, 0.820, 0.802, 0.867, 0.721, 0.844, 0.845]
+
+
+@pytest.fixture
+def result_files(tmp_path):
+    paths = []
+    for name, r in [("base", results("Qwen3-VL-2B-Thinking", BASE_2B, amodal=(0.6, 0.7), gpu_ms=900, n_params=2_100_000_000)),
+                    ("egm", results("EGM-Qwen3-VL-2B", EGM_2B, amodal=(0.7, 0.75), gpu_ms=400, n_params=2_100_000_000)),
+                    ("big", results("Qwen3-VL-235B-A22B-Thinking", EGM_2B[:5], gpu_ms=13900, num_gpus=8))]:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(r))
+        paths.append(d)
+    return paths
+
+
+def test_tables_have_paper_columns_and_numbers(tmp_path, result_files):
+    res = load_results(result_files)
+    paths = write_tables(res, tmp_path / "rep")
+    with open(paths["table3.csv"]) as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == table3_columns()
+    assert rows[1]["Model"] == "EGM-Qwen3-VL-2B"
+    assert [rows[1][c] for c in table3_columns()[1:]] == ["93.0", "94.0", "89.4", "87.8", "91.7", "82.7", "88.6", "89.3", "89.6"]
+    assert rows[0]["Avg. Acc"] == "83.6"          # paper Table 3, Qwen3-VL-2B-Thinking
+    assert rows[2]["RefCOCOg val"] == "-" and rows[2]["Avg. Acc"] == "-"
+    with open(paths["table4.csv"]) as fh:
+        t4 = list(csv.DictReader(fh))
+    assert list(t4[0]) == ["Model", "Amodal Acc"]
+    # pooled: (0.6*400 + 0.7*600) / 1000 = 66.0; (0.7*400 + 0.75*600)/1000 = 73.0
+    assert [r["Amodal Acc"] for r in t4] == ["66.0", "73.0", "-"]
+    md = paths["table3.md"].read_text().splitlines()
+    assert md[0] == "| " + " | ".join(table3_columns()) + " |"
+    assert md[3].startswith("| EGM-Qwen3-VL-2B | 93.0 |") and md[3].endswith("| 89.6 |")
+    assert len(md) == 2 + 3
+    with open(paths["efficiency.csv"]) as fh:
+        eff = list(csv.DictReader(fh))
+    assert list(eff[0]) == EFFICIENCY_COLUMNS
+    assert eff[1]["GPU latency (ms)"] == "400" and eff[1]["#Params (B)"] == "2.10" and eff[2]["#GPUs"] == "8"
+    assert table3_rows(res)[1]["Avg. Acc"] == "89.6"
+
+
+def test_accuracy_vs_latency_png_and_svg(tmp_path, result_files):
+    png, svg = accuracy_vs_latency(load_results(result_files), tmp_path / "fig4", figsize=(6, 4), dpi=100)
+    with Image.open(png) as im:
+        assert im.size == (600, 400)
+    root = ET.parse(svg).getroot()
+    assert root.tag.endswith("svg")
+    assert "EGM-Qwen3-VL-2B" in svg.read_text()
+
+
+def test_qualitative_panels_and_histogram(tmp_path):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (80, 60), (200, 180, 160)).save(img)
+    recs = [
+        {"image": str(img), "width": 80, "height": 60, "sentence": "girl third from right front row",
+         "reasoning": "Count the individuals from the rightmost person in the front row. " * 12,
+         "gt_box": [10, 10, 40, 50], "pred_box": [12, 8, 44, 52], "iou": 0.8},
+        {"image": str(tmp_path / "missing.png"), "width": 80, "height": 60, "sentence": "pen in the cup",
+         "reasoning": None, "gt_box": [-10, 5, 30, 70], "pred_box": None, "iou": 0.0, "parse_failure": True,
+         "failure": "no_box"},
+        {"image": str(img), "width": 80, "height": 60, "sentence": "chair", "reasoning": "x",
+         "gt_box": [1, 1, 5, 5], "pred_box": [50, 40, 60, 50], "iou": 0.0},
+    ]
+    p = qualitative_panels(recs, tmp_path / "qual.png", ncols=2, panel_size=(4, 5), dpi=50)
+    with Image.open(p) as im:
+        assert im.size == (2 * 4 * 50, 2 * 5 * 50)
+    h = iou_histogram(recs, tmp_path / "hist.png", figsize=(5, 3), dpi=80)
+    with Image.open(h) as im:
+        assert im.size == (400, 240)
+
+
+def test_make_report_end_to_end(tmp_path, result_files):
+    pred_dir = result_files[1] / "predictions"
+    pred_dir.mkdir()
+    (pred_dir / "refcoco_unc_val.jsonl").write_text(json.dumps(
+        {"id": "1", "image": "nope.png", "width": 40, "height": 30, "sentence": "s", "gt_box": [1, 1, 9, 9],
+         "pred_box": [1, 1, 9, 9], "iou": 1.0}) + "\n")
+    written = make_report([str(p) for p in result_files], out_dir=str(tmp_path / "rep"), qualitative=1)
+    for name in ("table3.md", "table3.csv", "table4.md", "efficiency.csv", "accuracy_vs_latency.png",
+                 "accuracy_vs_latency.svg", "iou_hist_EGM-Qwen3-VL-2B.png", "qualitative_EGM-Qwen3-VL-2B.png"):
+        assert name in written
+    with Image.open(written["accuracy_vs_latency.png"]) as im:
+        assert im.size == (7 * 150, 5 * 150)
