@@ -1,0 +1,69 @@
+"""Oracle teacher: Fig. 11 extension vocabulary and short synthetic traces."""
+
+import pytest
+
+from egm.data.manifest import Sample
+from egm.data.synthetic import DIFFICULTIES, make_scene, sample_rng, scene_sample
+from egm.data.teacher import (
+    GUIDANCE_TERMS, amodal_guidance, amodal_trace, extent_word, guidance_text, location_phrase, synthetic_trace,
+)
+
+
+@pytest.mark.parametrize("fraction,word", [(0.05, "slightly"), (0.1, "a bit"), (0.15, "a bit"), (0.2, "moderately"),
+                                           (0.34, "moderately"), (0.4, "considerably"), (0.5, "significantly"),
+                                           (0.9, "significantly")])
+def test_extent_words(fraction, word):
+    assert extent_word(fraction) == word
+    assert [w for _, w in GUIDANCE_TERMS] == ["slightly", "a bit", "moderately", "considerably", "significantly"]
+
+
+def test_guidance_from_boxes():
+    # visible 40x40 part of an 50x80 object: 10 px hidden on the left (20 %), 40 px below (50 %)
+    g = amodal_guidance([10, 10, 50, 50], [0, 10, 50, 90])
+    assert [(d, w) for d, w, _ in g] == [("left", "moderately"), ("down", "significantly")]
+    assert g[0][2] == pytest.approx(0.2) and g[1][2] == pytest.approx(0.5)
+    assert guidance_text(g) == "significantly downward and moderately to the left"
+    assert amodal_guidance([0, 0, 10, 10], [0, 0, 10, 10]) == []
+    assert amodal_guidance([0.1, 0, 10, 10], [0, 0, 10, 10]) == []  # 1 % is below the threshold
+    three = amodal_guidance([5, 5, 10, 10], [0, 0, 12, 10])
+    assert guidance_text(three) == "significantly upward, considerably to the left and a bit to the right"  # 5/10, 5/12, 2/12
+
+
+def test_location_phrase():
+    assert location_phrase([0, 0, 10, 10], 128, 128) == "at the top left"
+    assert location_phrase([54, 54, 74, 74], 128, 128) == "in the center"
+    assert location_phrase([100, 50, 128, 70], 128, 128) == "on the right"
+    assert location_phrase([50, 110, 70, 128], 128, 128) == "at the bottom"
+
+
+def test_synthetic_traces_are_short_and_grounded():
+    for d in DIFFICULTIES:
+        for i in range(20):
+            sc = make_scene(sample_rng(1, "t", i), d, 128)
+            s, _ = scene_sample(sc, "x.png", f"s{i}", "t", 128)
+            words = s.reasoning.split()
+            assert 12 <= len(words) <= 40, s.reasoning
+            box = s.visible_box if d == "amodal" else s.box
+            assert location_phrase(box, 128, 128) in s.reasoning
+            assert synthetic_trace(s) == s.reasoning
+            if d == "amodal":
+                occ = s.meta["objects"][s.meta["occluder"]]
+                assert f"hidden by the {occ['colour']} {occ['shape']}" in s.reasoning
+                assert guidance_text(amodal_guidance(s.visible_box, s.box)) in s.reasoning
+                assert any(w in s.reasoning for _, w in GUIDANCE_TERMS)
+            if d == "ordinal":
+                assert f"counting from the {s.meta['expression']['direction']}" in s.reasoning
+            if d == "relation":
+                a = s.meta["expression"]["anchor"]
+                assert s.reasoning.startswith(f"The {a['colour']} {a['shape']} is ")
+
+
+def test_amodal_trace_for_real_samples():
+    s = Sample(id="c", image="i.jpg", width=640, height=480, sentence="the pink paper", task="amodal",
+               box=[100, 100, 300, 200], visible_box=[200, 150, 300, 200], split="x", source="cocoa",
+               category="paper")
+    t = amodal_trace(s, occluder="cellphone")
+    assert t == ("The paper is partly hidden by the cellphone. To recover the complete paper, extend the visible "
+                 "part significantly to the left and significantly upward.")
+    s.visible_box = [0, 0, 0, 0]
+    assert "hidden" in amodal_trace(s)
