@@ -33,3 +33,18 @@ def test_tiny_qwen_end_to_end(tmp_path_factory, tmp_path):
     m = res["splits"]["refcoco_unc_val"]
     assert m["n"] == 4 and 0 < m["mean_tokens"] <= 8
     assert res["latency"]["n"] == 1 and res["latency"]["mean_ms"] > 0
+
+
+def test_evaluate_checkpoint_from_manifest(tmp_path_factory, tmp_path):
+    from egm.data.manifest import write_manifest
+    from egm.eval.hf import evaluate_checkpoint
+
+    ckpt = tiny_checkpoint("internvl", tmp_path_factory.getbasetemp() / "tiny")
+    img = tmp_path / "a.png"
+    Image.new("RGB", (64, 64), (90, 120, 30)).save(img)
+    man = tmp_path / "cocoa_val.jsonl"
+    write_manifest(man, [Sample(id=f"s{i}", image=str(img), width=64, height=64, sentence="the cup", task="amodal",
+                                box=[8.0, 8.0, 40.0, 70.0], split="cocoa_val", source="synthetic") for i in range(2)])
+    res = evaluate_checkpoint(str(ckpt), {"cocoa_val": str(man)}, str(tmp_path / "run"), family="internvl",
+                              torch_dtype="float32", device="cpu", max_new_tokens=4, latency_fraction=0.5)
+    assert res["splits"]["cocoa_val"]["n"] == 2 and res["n_params"] > 0 and res["model"] == ckpt.name

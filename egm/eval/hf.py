@@ -41,3 +41,49 @@ def hf_generate_fn(adapter: Any, model: torch.nn.Module, sampling: SamplingParam
         return [GenerationOutput(t, n) for t, n in zip(texts, counts)]
 
     return generate
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    manifests: dict[str, str],
+    out_dir: str,
+    family: str = "qwen3_vl",
+    model_name: str | None = None,
+    batch_size: int = 8,
+    latency_fraction: float = 0.1,
+    seed: int = 0,
+    num_gpus: int = 1,
+    torch_dtype: str = "bfloat16",
+    device: str = "cuda",
+    max_new_tokens: int = 4096,
+) -> dict[str, Any]:
+    """Evaluate a Hugging Face checkpoint on split manifests (CLI entry point; Table 7 decoding).
+
+    Args:
+        checkpoint: model folder or hub id.
+        manifests: split name -> JSONL manifest, e.g. ``{refcoco_unc_val: data/refcoco_unc_val.jsonl}``.
+        out_dir: predictions, latency records and results.json go here; rerunning resumes.
+        family: ``qwen3_vl`` or ``internvl`` (prompt of Figure 7, answer format, parser).
+        model_name: row name in the reports (default: the checkpoint's folder name).
+        batch_size: generation batch of the accuracy pass (latency always uses batch size 1).
+        latency_fraction: share of each RefCOCO split timed for latency (paper: 10%); 0 skips.
+        seed: seed of the latency subset.
+        num_gpus: GPUs the model runs on (GPU latency = latency x num_gpus).
+        torch_dtype: weights dtype.
+        device: where the model runs.
+        max_new_tokens: Table 7 "max length".
+    """
+    from pathlib import Path
+
+    from egm.eval.runner import evaluate
+    from egm.models import ADAPTERS
+
+    if family not in ADAPTERS:
+        raise ValueError(f"family must be one of {sorted(ADAPTERS)}, got {family!r}")
+    adapter = ADAPTERS[family](checkpoint, torch_dtype=torch_dtype)
+    model = adapter.load_model().to(device).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    sampling = SamplingParams(**{**vars(TABLE7_INFERENCE), "max_new_tokens": max_new_tokens})
+    return evaluate(hf_generate_fn(adapter, model, sampling), manifests, out_dir, batch_size=batch_size,
+                    latency_fraction=latency_fraction, seed=seed, num_gpus=num_gpus, parse_fn=adapter.parse,
+                    model_name=model_name or Path(checkpoint.rstrip("/")).name, n_params=n_params)
