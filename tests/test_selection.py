@@ -87,12 +87,14 @@ def test_command_writes_manifest_and_stats(tmp_path):
 
 def test_read_predictions_edges(tmp_path):
     p = tmp_path / "p.jsonl"
-    p.write_text('{"id": "a", "iou": 0.51}\n\n{"id": "b", "iou": 0.5, "pred_box": null, "model": "x"}\n')
+    p.write_text('{"id": "a", "iou": 0.51}\n\n{"id": "b", "iou": 0.5, "pred_box": null, "model": "x"}\n'
+                 '{"id": "c", "iou": null, "pred_box": null}\n{"id": "d", "io')  # torn last line: ignored
     preds = read_predictions(p)
+    assert list(preds) == ["a", "b", "c"] and preds["c"].iou == 0.0 and preds["c"].success is False
     assert preds["a"].success is True and preds["b"].success is False  # success derived from IoU > 0.5
     assert preds["b"].extra == {"model": "x"} and preds["a"].sentence is None
     for bad, field in (('{"id": "a"}', "iou"), ('{"id": "a", "iou": 1, "success": "yes"}', "success"),
-                       ('{"id": "a", "iou": 1, "pred_box": [1, 2]}', "pred_box"), ('{"id": "a", "iou": 1}\n{"id": "a", "iou": 0}', "id")):
+                       ('{"id": "a", "iou": 1, "pred_box": [1, 2]}', "pred_box"), ('{"id": "a", "iou": 1}\n{"id": "a", "iou": 0}', "id"), ('{"id": "a", "io\n{"id": "b", "iou": 0}', "JSON")):
         p.write_text(bad + "\n")
         with pytest.raises(ManifestError, match=field):
             read_predictions(p)

@@ -117,6 +117,9 @@ def run_failure_analysis(
     for p in predictions.values():
         if success(p.iou):
             continue
+        if p.extra.get("failure") == "image_error":  # the evaluator could not read the image
+            failures.append({"id": p.id, "job": FAILURE_ANALYSIS.name, "kind": "skipped", "reason": "image_error record"})
+            continue
         s = samples.get(p.id)
         if s is None:
             failures.append({"id": p.id, "job": FAILURE_ANALYSIS.name, "kind": "skipped", "reason": "id not in the manifest"})

@@ -20,6 +20,7 @@ when no box could be parsed), ``sentence`` and anything else are optional.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -30,6 +31,8 @@ from typing import Any
 
 from egm.boxes import success
 from egm.data.manifest import ManifestError, Sample, read_manifest, write_manifest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,41 +59,51 @@ def _box_or_none(v: Any, path: Path, n: int, name: str) -> list[float] | None:
 
 
 def read_predictions(path: str | os.PathLike) -> dict[str, Prediction]:
-    """Read a prediction JSONL file -> ``{id: Prediction}`` (file order); errors name file, line, field."""
+    """Read a prediction JSONL file -> ``{id: Prediction}`` (file order); errors name file, line, field.
+
+    The evaluator appends record by record, so a killed evaluation may leave a partial last line
+    (no trailing newline): it is ignored. ``iou: null`` (no box, image error) reads as 0.
+    """
     path = Path(path)
     out: dict[str, Prediction] = {}
-    with open(path, encoding="utf-8") as fh:
-        for n, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise ManifestError(path, n, None, f"invalid JSON: {e.msg}") from None
-            if not isinstance(obj, dict):
-                raise ManifestError(path, n, None, "expected a JSON object")
-            pid = obj.get("id")
-            if not isinstance(pid, str) or not pid:
-                raise ManifestError(path, n, "id", f"must be a non-empty string, got {pid!r}")
-            if pid in out:
-                raise ManifestError(path, n, "id", f"duplicate id {pid!r}")
-            iou = obj.get("iou")
-            if isinstance(iou, bool) or not isinstance(iou, (int, float)) or not math.isfinite(iou):
-                raise ManifestError(path, n, "iou", f"must be a finite number, got {iou!r}")
-            ok = obj.get("success")
-            if ok is None:
-                ok = success(float(iou))
-            elif not isinstance(ok, bool):
-                raise ManifestError(path, n, "success", f"must be true/false, got {ok!r}")
-            sentence = obj.get("sentence")
-            known = {"id", "iou", "success", "pred_box", "gt_box", "sentence"}
-            out[pid] = Prediction(
-                id=pid, iou=float(iou), success=ok,
-                pred_box=_box_or_none(obj.get("pred_box"), path, n, "pred_box"),
-                gt_box=_box_or_none(obj.get("gt_box"), path, n, "gt_box"),
-                sentence=sentence if isinstance(sentence, str) else None,
-                extra={k: v for k, v in obj.items() if k not in known},
-            )
+    data = path.read_text(encoding="utf-8")
+    lines = data.split("\n")
+    for n, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # torn last line of an interrupted writer
+                log.warning("%s:%d: ignoring a partial last line", path, n)
+                break
+            raise ManifestError(path, n, None, f"invalid JSON: {e.msg}") from None
+        if not isinstance(obj, dict):
+            raise ManifestError(path, n, None, "expected a JSON object")
+        pid = obj.get("id")
+        if not isinstance(pid, str) or not pid:
+            raise ManifestError(path, n, "id", f"must be a non-empty string, got {pid!r}")
+        if pid in out:
+            raise ManifestError(path, n, "id", f"duplicate id {pid!r}")
+        if "iou" not in obj:
+            raise ManifestError(path, n, "iou", "missing")
+        iou = 0.0 if obj["iou"] is None else obj["iou"]
+        if isinstance(iou, bool) or not isinstance(iou, (int, float)) or not math.isfinite(iou):
+            raise ManifestError(path, n, "iou", f"must be a finite number or null, got {iou!r}")
+        ok = obj.get("success")
+        if ok is None:
+            ok = success(float(iou))
+        elif not isinstance(ok, bool):
+            raise ManifestError(path, n, "success", f"must be true/false, got {ok!r}")
+        sentence = obj.get("sentence")
+        known = {"id", "iou", "success", "pred_box", "gt_box", "sentence"}
+        out[pid] = Prediction(
+            id=pid, iou=float(iou), success=ok,
+            pred_box=_box_or_none(obj.get("pred_box"), path, n, "pred_box"),
+            gt_box=_box_or_none(obj.get("gt_box"), path, n, "gt_box"),
+            sentence=sentence if isinstance(sentence, str) else None,
+            extra={k: v for k, v in obj.items() if k not in known},
+        )
     return out
 
 
