@@ -9,24 +9,26 @@ from egm.data.teacher import (
 )
 
 
-@pytest.mark.parametrize("fraction,word", [(0.05, "slightly"), (0.1, "a bit"), (0.15, "a bit"), (0.2, "moderately"),
-                                           (0.34, "moderately"), (0.4, "considerably"), (0.5, "significantly"),
-                                           (0.9, "significantly")])
-def test_extent_words(fraction, word):
-    assert extent_word(fraction) == word
+@pytest.mark.parametrize("ratio,word", [(0.05, "slightly"), (0.1, "a bit"), (0.2, "a bit"), (0.25, "moderately"),
+                                        (0.4, "moderately"), (0.6, "considerably"), (1.0, "significantly"),
+                                        (3.0, "significantly")])
+def test_extent_words(ratio, word):
+    assert extent_word(ratio) == word
     assert [w for _, w in GUIDANCE_TERMS] == ["slightly", "a bit", "moderately", "considerably", "significantly"]
 
 
 def test_guidance_from_boxes():
-    # visible 40x40 part of an 50x80 object: 10 px hidden on the left (20 %), 40 px below (50 %)
+    # visible 40x40 part of an 50x80 object: 10 px hidden on the left (1/4 of the visible
+    # width), 40 px below (the whole visible height again)
     g = amodal_guidance([10, 10, 50, 50], [0, 10, 50, 90])
     assert [(d, w) for d, w, _ in g] == [("left", "moderately"), ("down", "significantly")]
-    assert g[0][2] == pytest.approx(0.2) and g[1][2] == pytest.approx(0.5)
+    assert g[0][2] == pytest.approx(0.25) and g[1][2] == pytest.approx(1.0)
     assert guidance_text(g) == "significantly downward and moderately to the left"
     assert amodal_guidance([0, 0, 10, 10], [0, 0, 10, 10]) == []
-    assert amodal_guidance([0.1, 0, 10, 10], [0, 0, 10, 10]) == []  # 1 % is below the threshold
+    assert amodal_guidance([0.5, 0, 10, 10], [0, 0, 10, 10]) == []  # <= 1 px: jitter, not occlusion
+    assert amodal_guidance([0, 0, 0, 0], [0, 0, 10, 10])[0][1:] == ("significantly", float("inf"))
     three = amodal_guidance([5, 5, 10, 10], [0, 0, 12, 10])
-    assert guidance_text(three) == "significantly upward, considerably to the left and a bit to the right"  # 5/10, 5/12, 2/12
+    assert guidance_text(three) == "significantly to the left, significantly upward and moderately to the right"
 
 
 def test_location_phrase():

@@ -95,10 +95,10 @@ def object_mask(obj: Obj | dict[str, Any], image_size: int) -> np.ndarray:
 
 def mask_box(mask: np.ndarray) -> list[float]:
     """Continuous ``xyxy`` extent of a boolean mask; ``[0, 0, 0, 0]`` when empty."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if len(cols) == 0:
         return [0.0, 0.0, 0.0, 0.0]
-    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+    return [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)]
 
 
 def render(objects: list[Obj], image_size: int) -> tuple[Image.Image, list[np.ndarray], list[np.ndarray]]:
@@ -315,6 +315,12 @@ def make_scene(rng: random.Random, difficulty: str, image_size: int = 128, max_a
             if not _place(rng, body, S):
                 continue
             objects = body
+        if difficulty in ("ordinal", "relation"):
+            # the candidates are identical, so the target is whichever one the expression picks
+            picked = resolve(expr, objects)
+            if len(picked) != 1:
+                continue
+            target = objects[picked[0]]
         ti = objects.index(target)
         if not _valid(objects, ti, expr, S):
             continue

@@ -18,16 +18,20 @@ from collections.abc import Sequence
 
 from egm.data.manifest import Sample
 
-# Extension of one side, as a fraction of the full (amodal) extent along that axis -> word.
-# Upper bounds; below GUIDANCE_MIN_FRACTION the side is not mentioned.
+# Extension of one side divided by the *visible* extent on that axis -> Fig. 11 word (upper
+# bounds). Same rule as the curation prompts (egm.curation.prompts.expansion), so synthetic traces
+# and teacher-written ones use the words alike. For a one-sided occlusion a ratio r hides
+# r / (1 + r) of the object: "slightly" < 9 %, "a bit" < 20 %, "moderately" < 33 %,
+# "considerably" < 50 %, "significantly" beyond.
 GUIDANCE_TERMS: tuple[tuple[float, str], ...] = (
     (0.10, "slightly"),
-    (0.20, "a bit"),
-    (0.35, "moderately"),
-    (0.50, "considerably"),
+    (0.25, "a bit"),
+    (0.50, "moderately"),
+    (1.00, "considerably"),
     (float("inf"), "significantly"),
 )
-GUIDANCE_MIN_FRACTION = 0.02
+GUIDANCE_MIN_RATIO = 0.02  # and more than GUIDANCE_MIN_PIXELS: annotation jitter is no occlusion
+GUIDANCE_MIN_PIXELS = 1.0
 DIRECTION_WORDS = {"left": "to the left", "right": "to the right", "up": "upward", "down": "downward"}
 _NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 _LOCATIONS = {
@@ -38,31 +42,36 @@ _LOCATIONS = {
 }
 
 
-def extent_word(fraction: float) -> str:
-    """Fig. 11 vocabulary for how much to extend, from the hidden fraction of the object."""
+def extent_word(ratio: float) -> str:
+    """Fig. 11 vocabulary for an extension of ``ratio`` times the visible extent."""
     for bound, word in GUIDANCE_TERMS:
-        if fraction < bound:
+        if ratio < bound:
             return word
     return GUIDANCE_TERMS[-1][1]
 
 
 def amodal_guidance(
-    visible_box: Sequence[float], amodal_box: Sequence[float], min_fraction: float = GUIDANCE_MIN_FRACTION
+    visible_box: Sequence[float],
+    amodal_box: Sequence[float],
+    min_ratio: float = GUIDANCE_MIN_RATIO,
+    min_pixels: float = GUIDANCE_MIN_PIXELS,
 ) -> list[tuple[str, str, float]]:
     """Directions in which the visible box must grow to reach the amodal box.
 
-    Returns ``[(direction, word, fraction), ...]`` in the order left, right, up, down, where
-    ``fraction`` is the extension on that side divided by the amodal width (left/right) or
-    height (up/down), i.e. the share of the whole object hidden beyond that side.
+    Returns ``[(direction, word, ratio), ...]`` in the order left, right, up, down, where
+    ``ratio`` is the extension on that side divided by the visible width (left/right) or height
+    (up/down); an empty visible extent gives ``inf`` ("significantly").
     """
     vx1, vy1, vx2, vy2 = (float(v) for v in visible_box)
     ax1, ay1, ax2, ay2 = (float(v) for v in amodal_box)
-    w, h = max(ax2 - ax1, 1e-9), max(ay2 - ay1, 1e-9)
+    vw, vh = max(vx2 - vx1, 0.0), max(vy2 - vy1, 0.0)
     out = []
-    for direction, ext, size in (("left", vx1 - ax1, w), ("right", ax2 - vx2, w), ("up", vy1 - ay1, h), ("down", ay2 - vy2, h)):
-        f = ext / size
-        if f >= min_fraction:
-            out.append((direction, extent_word(f), f))
+    for direction, ext, size in (("left", vx1 - ax1, vw), ("right", ax2 - vx2, vw), ("up", vy1 - ay1, vh), ("down", ay2 - vy2, vh)):
+        if ext <= min_pixels:
+            continue
+        r = ext / size if size > 0 else float("inf")
+        if r > min_ratio:
+            out.append((direction, extent_word(r), r))
     return out
 
 
