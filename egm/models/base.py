@@ -284,6 +284,7 @@ class GroundingAdapter:
             for p in self.vision_tower(model).parameters():
                 p.requires_grad_(False)
         if self.gradient_checkpointing:
+            # deprecated name in 5.24 (activation_checkpointing_enable), the one 5.16-5.20 know
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         if self.lora is not None:

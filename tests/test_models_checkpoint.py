@@ -1,0 +1,131 @@
+"""Loading, saving (LoRA merged), freezing and the tiny checkpoint builder."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from egm.models import InternVLAdapter, LoraSettings, Qwen3VLAdapter
+from egm.models.tiny import FAMILIES, make_tiny, tiny_checkpoint
+
+ADAPTERS = {"qwen3_vl": Qwen3VLAdapter, "internvl": InternVLAdapter}
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "tiny"
+    return {f: tiny_checkpoint(f, root) for f in FAMILIES}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread; two threads on a shared 2-core box thrash."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _batch(ad):
+    rng = np.random.default_rng(0)
+    exs = [dict(image=Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)), sentence=s, task=t,
+                box=[4, 4, 40, 30], width=w, height=h, reasoning=r)
+           for (w, h), s, t, r in [((96, 64), "the red circle", "vanilla", "It is red."),
+                                   ((64, 64), "the blue square", "amodal", None)]]
+    return ad.collate_train(exs)
+
+
+@torch.no_grad()
+def _logits(model, batch):
+    model.eval()
+    return model(**batch).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_round_trip_gives_identical_logits(tiny_dirs, family, tmp_path):
+    ad = ADAPTERS[family](str(tiny_dirs[family]))
+    model = ad.load_model()
+    assert type(model).__name__ == ad.model_class
+    assert sum(p.numel() for p in model.parameters()) < 3_000_000
+    batch = _batch(ad)
+    ref = _logits(model, batch)
+    out = ad.save_pretrained(model, tmp_path / "saved")
+    ad2 = ADAPTERS[family](str(out))
+    b2 = _batch(ad2)
+    assert all(torch.equal(batch[k], b2[k]) for k in batch)  # the saved processor encodes alike
+    assert torch.equal(_logits(ad2.load_model(), b2), ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_targets_the_language_model_and_merges_on_save(tiny_dirs, family, tmp_path):
+    ad = ADAPTERS[family](str(tiny_dirs[family]), lora=LoraSettings(rank=4, alpha=8, dropout=0.0))
+    model = ad.load_model()
+    lora_names = [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert lora_names and all("language_model" in n for n in lora_names)
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert any(f".{proj}." in n for n in lora_names), proj
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lora_names)
+    batch = _batch(ad)
+    base = _logits(model, batch)
+    with torch.no_grad():  # LoRA B starts at zero; make the adapter change the function
+        g = torch.Generator().manual_seed(0)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    tuned = _logits(model, batch)
+    assert not torch.allclose(tuned, base, atol=1e-3)
+    ad.save_pretrained(model, tmp_path / "merged")
+    assert any("lora_" in n for n, _ in model.named_parameters())  # training model untouched
+    plain = getattr(transformers, ad.model_class).from_pretrained(tmp_path / "merged")
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(_logits(plain, batch), tuned, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_freeze_vision_and_gradient_checkpointing(tiny_dirs, family):
+    ad = ADAPTERS[family](str(tiny_dirs[family]), freeze_vision=True, gradient_checkpointing=True)
+    model = ad.load_model()
+    vision = {id(p) for p in ad.vision_tower(model).parameters()}
+    assert vision
+    for p in model.parameters():
+        assert p.requires_grad == (id(p) not in vision)
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    model.train()
+    model(**_batch(ad)).loss.backward()
+    assert all(p.grad is None for p in ad.vision_tower(model).parameters())
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_bad_dtype_is_rejected_at_construction():
+    with pytest.raises(ValueError, match="torch_dtype"):
+        Qwen3VLAdapter("x", torch_dtype="float33")
+
+
+def test_make_tiny_is_idempotent_and_refuses_foreign_folders(tmp_path):
+    out = make_tiny("internvl", tmp_path / "t", text_layers=1)
+    stamp = os.stat(out / "model.safetensors").st_mtime_ns
+    assert make_tiny("internvl", out, text_layers=1) == out
+    assert os.stat(out / "model.safetensors").st_mtime_ns == stamp  # identical: left alone
+    make_tiny("internvl", out, text_layers=2)  # a different tiny build replaces it
+    assert transformers.AutoConfig.from_pretrained(out).text_config.num_hidden_layers == 2
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError):
+        make_tiny("internvl", tmp_path / "mine")
+    with pytest.raises(ValueError, match="dims"):
+        make_tiny("internvl", tmp_path / "u", hidden=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "t"]  # no temp folders left
+
+
+def test_tiny_tokenizer_splits_digits_and_keeps_words_whole(tiny_dirs):
+    tok = Qwen3VLAdapter(str(tiny_dirs["qwen3_vl"])).tokenizer
+    assert tok.tokenize("[1000, 7]") == ["[", "1", "0", "0", "0", ",", "Ġ", "7", "]"]
+    for w in ("left", "circle", "occluded", "significantly", "triangle", "second"):
+        assert len(tok.tokenize(" " + w)) == 1, w
+    text = 'Locate the red circle amodally\n```json\n[\n\t{"bbox_2d": [1, 2, 3, 4]}\n]\n```'
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
