@@ -90,3 +90,22 @@ def test_target_parses_back_to_the_pixel_box(adapter, w, h, a, b, c, d, reasonin
     assert parsed.ok, (text, parsed.failure)
     for got, want, tol in zip(parsed.box, (x1, y1, x2, y2), (ex, ey, ex, ey)):
         assert abs(got - want) <= tol + 1e-9
+
+
+def test_adapters_instantiate_from_a_lightning_cli_style_config():
+    from jsonargparse import ArgumentParser
+
+    from egm.models import GroundingAdapter, LoraSettings
+
+    parser = ArgumentParser()
+    parser.add_argument("--adapter", type=GroundingAdapter)
+    cfg = parser.parse_object({"adapter": {
+        "class_path": "egm.models.Qwen3VLAdapter",
+        "init_args": {"pretrained_model_name_or_path": "Qwen/Qwen3-VL-2B-Thinking", "torch_dtype": "bfloat16",
+                      "lora": {"rank": 8, "alpha": 16}, "max_pixels": 401408}}})
+    ad = parser.instantiate_classes(cfg).adapter
+    assert isinstance(ad, Qwen3VLAdapter) and ad.torch_dtype == "bfloat16" and ad.max_pixels == 401408
+    assert ad.lora == LoraSettings(rank=8, alpha=16)
+    cfg = parser.parse_object({"adapter": {"class_path": "egm.models.InternVLAdapter",
+                                           "init_args": {"pretrained_model_name_or_path": "OpenGVLab/InternVL3-1B-hf"}}})
+    assert isinstance(parser.instantiate_classes(cfg).adapter, InternVLAdapter)
