@@ -46,6 +46,17 @@ def test_responses_from_rows_cuts_after_first_stop_and_flags_truncation():
     assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
 
 
+def test_placeholder_tokens_cut_the_response_and_count_as_truncated(setup):
+    ad, model, _ = setup
+    img = model.config.image_token_id
+    from egm.rl.rollout import placeholder_token_ids
+
+    assert img in placeholder_token_ids(model.config)
+    ids, mask, lengths, trunc = responses_from_rows([[5, img, 9], [img, 5], [5, 9]], {9}, 4, 0, {img})
+    assert lengths.tolist() == [1, 1, 2] and trunc.tolist() == [True, True, False]
+    assert img not in ids.tolist()[0] + ids.tolist()[1]
+
+
 def test_hf_engine_shapes_groups_and_flags(setup):
     ad, model, exs = setup
     ro = HFEngine(ad, model, max_batch=4).generate(exs, n=3, sampling=SAMPLING, seed=1)

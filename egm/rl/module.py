@@ -102,6 +102,8 @@ class GRPOModule(LightningModule):
         seed: int = 0,
     ):
         super().__init__()
+        rollout, val_sampling = _sampling(rollout), _sampling(val_sampling)  # a YAML mapping also works
+        vllm = VLLMSettings(**vllm) if isinstance(vllm, dict) else vllm
         if n_samples < 2:
             raise ValueError(f"n_samples must be >= 2 (group-relative advantages), got {n_samples}")
         if ppo_epochs < 1 or micro_batch_size < 1 or (mini_batch_size is not None and mini_batch_size < 1):
@@ -111,6 +113,7 @@ class GRPOModule(LightningModule):
         self.save_hyperparameters(ignore=["adapter"])
         self.automatic_optimization = False
         self.adapter = adapter
+        self.rollout, self.vllm_settings = rollout, vllm
         self.model: torch.nn.Module | None = None
         self.engine: RolloutEngine | None = None
         self.validation = GroundingValidation(self, val_sampling)
@@ -150,7 +153,7 @@ class GRPOModule(LightningModule):
             from egm.rl.vllm_engine import VLLMEngine
 
             t = self.trainer
-            return VLLMEngine(self.adapter, **asdict(h.vllm or VLLMSettings()), rank=t.global_rank,
+            return VLLMEngine(self.adapter, **asdict(self.vllm_settings or VLLMSettings()), rank=t.global_rank,
                               local_rank=t.local_rank, world_size=t.world_size)
         raise ValueError(f"engine must be 'hf' or 'vllm', got {h.engine!r}")
 
@@ -176,7 +179,7 @@ class GRPOModule(LightningModule):
     # -- log-probs -------------------------------------------------------------------------
     def _forward_logp(self, model, ro: Rollout, idx, with_entropy=False, entropy_grad=False):
         inputs, comp, mask = ro.model_inputs(self.adapter, idx, self.device)
-        logp, ent = token_logprobs(model, inputs, comp, self.hparams.rollout.temperature, with_entropy, entropy_grad)
+        logp, ent = token_logprobs(model, inputs, comp, self.rollout.temperature, with_entropy, entropy_grad)
         return logp, ent, comp, mask
 
     @torch.no_grad()
@@ -204,7 +207,7 @@ class GRPOModule(LightningModule):
         examples, G = batch["examples"], h.n_samples
         clock = _Clock()
         self.engine.update_weights(self.model)
-        ro = self.engine.generate(examples, G, h.rollout, seed=self.rollout_seed())
+        ro = self.engine.generate(examples, G, self.rollout, seed=self.rollout_seed())
         clock.lap("rollout")
 
         samples = [ex["sample"] for ex in examples]
@@ -237,8 +240,13 @@ class GRPOModule(LightningModule):
                 **{f"train/{k}": v for k, v in stats.items() if isinstance(v, (int, float))},
                 **{f"time/{k}_s": v for k, v in clock.t.items()},
                 **{f"time/{k}_frac": v / max(clock.total, 1e-9) for k, v in clock.t.items()}}
-        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=P)
-        self.log("train/reward", logs["train/reward/mean"], prog_bar=True, batch_size=P)
+        # each rank rolled out its own prompts (whole groups): reduce the metrics over ranks
+        sync = self.trainer.world_size > 1 if self._trainer else False
+        maxed = {k: logs.pop(k) for k in ("train/response_len_max",)}
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=P, sync_dist=sync)
+        self.log_dict(maxed, on_step=True, on_epoch=False, batch_size=P, sync_dist=sync, reduce_fx="max")
+        self.log("train/reward", logs["train/reward/mean"], prog_bar=True, batch_size=P, sync_dist=sync)
+        logs.update(maxed)
         self.last_stats = {**logs, **stats, "advantages": adv.cpu(), "lengths": ro.lengths,
                            "rewards": torch.as_tensor(rew.rewards)}
 
@@ -327,6 +335,10 @@ class GRPOModule(LightningModule):
         path = self.adapter.save_pretrained(self.model, out_dir)
         log.info("exported Hugging Face checkpoint to %s", path)
         return Path(path)
+
+
+def _sampling(p: SamplingParams | dict) -> SamplingParams:
+    return SamplingParams(**p) if isinstance(p, dict) else p
 
 
 def _no_dropout(model: torch.nn.Module) -> None:

@@ -91,19 +91,37 @@ def encode_prompts(adapter: GroundingAdapter, examples: Sequence[Mapping[str, An
     return [adapter.collate_generate([ex]) for ex in examples]
 
 
+PLACEHOLDER_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                    "image_token_index", "video_token_index")
+
+
+def placeholder_token_ids(config) -> set[int]:
+    """Multimodal placeholder tokens of a model config (``<|image_pad|>``, ``<IMG_CONTEXT>``, ...).
+
+    A response must never contain them: the re-scoring forward would count them as image slots
+    ("image features and image tokens do not match"). Engines suppress them while sampling.
+    """
+    ids = {getattr(config, k, None) for k in PLACEHOLDER_KEYS}
+    return {int(i) for i in ids if isinstance(i, int) and i >= 0}
+
+
 def responses_from_rows(rows: Iterable[Sequence[int]], stop_ids: set[int], max_new_tokens: int,
-                        pad_id: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        pad_id: int, forbidden: set[int] = frozenset()) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Generated rows (tokens after the prompt) -> ``(ids, mask, lengths, truncated)``.
 
     Each row is cut after its first stop token (kept: the model must learn to stop); a row
-    without one is truncated at ``max_new_tokens``.
+    without one is truncated at ``max_new_tokens``. A ``forbidden`` token (multimodal
+    placeholder, if an engine let one through) cuts the row before it and counts as truncated.
     """
     cut, trunc = [], []
     for row in rows:
         row = list(row)[:max_new_tokens]
-        end = next((i for i, tok in enumerate(row) if tok in stop_ids), None)
+        end = next((i for i, tok in enumerate(row) if tok in stop_ids or tok in forbidden), None)
+        if end is not None and row[end] in forbidden and row[end] not in stop_ids:
+            row, end = row[:end], None  # cut before the placeholder: no stop, so truncated
         trunc.append(end is None)
         cut.append(row if end is None else row[:end + 1])
+    cut = [r or [pad_id] for r in cut]  # never empty (a placeholder as first token)
     lengths = torch.tensor([len(r) for r in cut], dtype=torch.long)
     t = max(int(lengths.max()) if len(cut) else 0, 1)
     ids = torch.full((len(cut), t), pad_id, dtype=torch.long)
@@ -147,6 +165,7 @@ class HFEngine(RolloutEngine):
         order = [j for j in range(len(encs)) for _ in range(n)]  # repeat-interleave: (P*G,)
         step = self.max_batch or len(order) or 1
         device = next(model.parameters()).device
+        forbidden = placeholder_token_ids(model.config)
         was_training = model.training
         model.eval()
         rows: list[list[int]] = []
@@ -155,12 +174,13 @@ class HFEngine(RolloutEngine):
                 for s in range(0, len(order), step):
                     batch = ad._batch([encs[j] for j in order[s:s + step]], "left")
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    out = model.generate(**batch, **sampling.hf_generate_kwargs(), pad_token_id=ad.pad_token_id)
+                    out = model.generate(**batch, **sampling.hf_generate_kwargs(), pad_token_id=ad.pad_token_id,
+                                         suppress_tokens=sorted(forbidden) or None)
                     rows += out[:, batch["input_ids"].shape[1]:].tolist()
         finally:
             model.train(was_training)
         ids, mask, lengths, trunc = responses_from_rows(rows, ad.stop_token_ids(), sampling.max_new_tokens,
-                                                        ad.pad_token_id)
+                                                        ad.pad_token_id, forbidden)
         texts = ad.decode(ids, 0)
         return Rollout(list(examples), encs, ids, mask, lengths, trunc, texts, n)
 

@@ -34,7 +34,7 @@ import torch
 
 from egm.generation import SamplingParams
 from egm.models.base import GroundingAdapter
-from egm.rl.rollout import Rollout, RolloutEngine, encode_prompts, responses_from_rows
+from egm.rl.rollout import Rollout, RolloutEngine, encode_prompts, placeholder_token_ids, responses_from_rows
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,9 @@ class VLLMEngine(RolloutEngine):
         if adapter.image_kwargs():
             kwargs["mm_processor_kwargs"] = adapter.image_kwargs()
         self._sampling_cls = vllm.SamplingParams
+        from transformers import AutoConfig
+
+        self.forbidden = placeholder_token_ids(AutoConfig.from_pretrained(kwargs["model"]))
         self.llm = vllm.LLM(**kwargs)
         self._weights_loaded = True
         if enable_sleep_mode:
@@ -190,7 +193,8 @@ class VLLMEngine(RolloutEngine):
                 if o.finish_reason == "stop" and (not ids or ids[-1] not in stops):
                     ids.append(o.stop_reason if isinstance(o.stop_reason, int) else eot)  # keep the stop token
                 rows.append(ids)
-        ids, mask, lengths, trunc = responses_from_rows(rows, stops, sampling.max_new_tokens, ad.pad_token_id)
+        ids, mask, lengths, trunc = responses_from_rows(rows, stops, sampling.max_new_tokens, ad.pad_token_id,
+                                                        self.forbidden)
         return Rollout(list(examples), encode_prompts(ad, examples), ids, mask, lengths, trunc,
                        ad.decode(ids, 0), n)
 
