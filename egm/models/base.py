@@ -194,7 +194,15 @@ class GroundingAdapter:
         ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
         return ids + [self.tokenizer.convert_tokens_to_ids(self.end_of_turn)]
 
-    def _batch(self, encs: list[dict[str, torch.Tensor]], side: str) -> dict[str, torch.Tensor]:
+    def pad_batch(self, encs: Sequence[Mapping[str, torch.Tensor]], side: str) -> dict[str, torch.Tensor]:
+        """Stack single-example encodings (e.g. ``collate_generate([ex])`` outputs) into a batch.
+
+        ``side`` is ``"right"`` (training) or ``"left"`` (generation); token-level tensors are
+        padded (ids with the pad id, masks/``token_keys`` with 0, labels with -100), image
+        tensors concatenated along their first axis.
+        """
+        if side not in ("left", "right"):
+            raise ValueError(f"side must be 'left' or 'right', got {side!r}")
         pad = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX,
                **{k: 0 for k in self.token_keys}}
         out: dict[str, torch.Tensor] = {}
@@ -209,6 +217,8 @@ class GroundingAdapter:
             else:  # image tensors: concatenated along their first axis
                 out[key] = torch.cat(rows, dim=0)
         return out
+
+    _batch = pad_batch  # early name, used by egm.rl.rollout
 
     def collate_train(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Right-padded batch; ``labels`` = input ids on target + end-of-turn tokens, else -100."""
@@ -231,7 +241,7 @@ class GroundingAdapter:
             for k in self.token_keys:
                 enc[k] = torch.cat([enc[k], torch.zeros_like(c)], dim=1)
             encs.append(enc)
-        return self._batch(encs, "right")
+        return self.pad_batch(encs, "right")
 
     def collate_generate(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Left-padded prompts (with the generation prompt) for batched ``model.generate``."""
@@ -239,7 +249,7 @@ class GroundingAdapter:
         for ex in examples:
             f = self._fields(ex)
             encs.append(self._encode_prompt(f["image"], self.prompt(f["sentence"], f.get("task", "vanilla"))))
-        return self._batch(encs, "left")
+        return self.pad_batch(encs, "left")
 
     def with_completion(self, batch: Mapping[str, torch.Tensor], completion_ids: torch.Tensor,
                         completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -312,4 +322,7 @@ class GroundingAdapter:
             model = (model if inplace else copy.deepcopy(model)).merge_and_unload()
         model.save_pretrained(path)
         self.processor.save_pretrained(path)
+        # transformers 5.2x nests the image processor in processor_config.json; the stand-alone
+        # preprocessor_config.json keeps the folder readable by loaders that look for it.
+        self.processor.image_processor.save_pretrained(path)
         return path
