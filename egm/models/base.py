@@ -25,7 +25,16 @@ Chat format: the prompt is the checkpoint's own chat template applied to one use
 (image, then the prompt text) with the generation prompt; the assistant turn is the target
 followed by the end-of-turn token. Text the generation prompt already contains (Qwen3-VL
 Thinking's ``<think>\\n``) is dropped from the target before tokenisation and put back by
-:meth:`GroundingAdapter.decode`, so targets and decoded generations look alike.
+:meth:`GroundingAdapter.decode`, so targets and decoded generations look alike. The
+completion is tokenised on its own and appended to the prompt ids, so the prompt/answer
+boundary is exact.
+
+GRPO: :meth:`GroundingAdapter.with_completion` turns a generation batch plus sampled completion
+ids into forward inputs (Qwen3-VL's ``mm_token_type_ids`` extended), and
+:meth:`GroundingAdapter.pad_batch` re-batches size-1 :meth:`collate_generate` encodings.
+
+Processors: transformers 5.2x processors insist on a video processor, which needs torchvision;
+without torchvision (this CPU box) :func:`video_free` drops that component (EGM feeds no video).
 """
 
 from __future__ import annotations
