@@ -45,6 +45,8 @@ from egm.sft import GroundingValidation
 
 log = logging.getLogger(__name__)
 
+torch.serialization.add_safe_globals([SamplingParams, VLLMSettings])  # hparams: resume with weights_only=True
+
 TABLE5_ROLLOUT = SamplingParams(temperature=0.7, top_p=1.0, top_k=-1, max_new_tokens=1024)
 
 
@@ -126,6 +128,7 @@ class GRPOModule(LightningModule):
             return
         self.model = self.adapter.load_model()
         _no_dropout(self.model)
+        self.model.train()  # from_pretrained returns eval mode; gradient checkpointing needs train mode
         if self.hparams.beta != 0.0 and self.adapter.lora is None:
             ref = self.adapter.load_model().eval()  # same checkpoint = the initial policy
             for p in ref.parameters():
