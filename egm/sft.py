@@ -29,6 +29,10 @@ from egm.scoring import score_texts
 
 log = logging.getLogger(__name__)
 
+# hparams hold SamplingParams: allow it in torch.load(weights_only=True), the default since torch 2.6,
+# so that `egm fit --ckpt_path last` resumes without weights_only=False
+torch.serialization.add_safe_globals([SamplingParams])
+
 
 class GroundingValidation:
     """Greedy generation + per-split grounding metrics, shared by the SFT and GRPO modules.
@@ -38,12 +42,17 @@ class GroundingValidation:
 
     METRICS = ("acc", "miou", "parse_fail")
 
-    def __init__(self, module: LightningModule, sampling: SamplingParams):
+    def __init__(self, module: LightningModule, sampling: SamplingParams, keep: int = 256):
         self.module, self.sampling = module, sampling
         self.metrics = torch.nn.ModuleDict()
+        # the first ``keep`` scored predictions of the epoch on this rank, per stage (for
+        # egm.callbacks.WandbPredictionTable): {"split", "sample", "text", "scored"} dicts
+        self.keep = keep
+        self.records: dict[str, list[dict[str, Any]]] = {}
+        self.last_records: dict[str, list[dict[str, Any]]] = {}
 
     def split_name(self, dataloader_idx: int, stage: str) -> str:
-        dm = getattr(self.module.trainer, "datamodule", None)
+        dm = getattr(self.module._trainer, "datamodule", None)  # None outside a Trainer
         names = getattr(dm, f"{'test' if stage == 'test' else 'val'}_names", None) or []
         return names[dataloader_idx] if dataloader_idx < len(names) else f"split{dataloader_idx}"
 
@@ -63,6 +72,10 @@ class GroundingValidation:
         samples = [ex["sample"] for ex in batch["examples"]]
         scored = score_texts(texts, samples, adapter.parse)
         split = self.split_name(dataloader_idx, stage)
+        rec = self.records.setdefault(stage, [])
+        for text, sample, sc in zip(texts, samples, scored):
+            if len(rec) < self.keep:
+                rec.append({"split": split, "sample": sample, "text": text, "scored": sc})
         for s in scored:
             self._metric(f"{stage}/{split}/acc").update(float(s.success))
             self._metric(f"{stage}/{split}/miou").update(s.iou)
@@ -74,8 +87,9 @@ class GroundingValidation:
         for safe, m in self.metrics.items():
             key = safe.replace("__", "/")
             if key.startswith(stage + "/") and m.update_called:
-                out[key] = float(m.compute())
+                out[key] = float(m.compute())  # MeanMetric.compute() syncs across ranks
                 m.reset()
+        self.last_records[stage] = self.records.pop(stage, [])
         if out:
             self.module.log_dict(out, sync_dist=False, add_dataloader_idx=False)
         return out
@@ -109,6 +123,8 @@ class SFTModule(LightningModule):
         export_dir: str | None = None,
     ):
         super().__init__()
+        if isinstance(val_sampling, dict):  # jsonargparse may hand a YAML block over as a dict
+            val_sampling = SamplingParams(**val_sampling)
         self.save_hyperparameters(ignore=["adapter"])
         self.adapter = adapter
         self.model: torch.nn.Module | None = None
@@ -135,17 +151,29 @@ class SFTModule(LightningModule):
 
     # -- training --------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Token-mean cross-entropy over the *global* micro-batch (all ranks).
+
+        The model's loss is the mean over this rank's target tokens; DDP/DeepSpeed then average
+        the ranks' gradients, which weights every rank equally whatever its token count. Rescaling
+        by ``local tokens / (global tokens / world)`` makes the averaged gradient the token-mean of
+        the whole global micro-batch, i.e. the same as one process with ``world`` times the batch.
+        """
         inputs = batch["inputs"]
         out = self.model(**inputs)
-        n_tok = (inputs["labels"] != -100).sum()
+        n_tok = (inputs["labels"][..., 1:] != -100).sum()  # the shifted targets the loss averages
         bs = inputs["input_ids"].shape[0]
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
-        self.log("train/target_tokens", n_tok.float(), reduce_fx="sum", batch_size=bs)
+        loss = out.loss
+        world = self.trainer.world_size if self._trainer else 1
+        if world > 1:
+            total = self.trainer.strategy.reduce(n_tok.float(), reduce_op="sum")
+            loss = loss * n_tok / (total / world).clamp_min(1.0)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs, sync_dist=world > 1)
+        self.log("train/target_tokens", n_tok.float(), reduce_fx="sum", batch_size=bs, sync_dist=world > 1)
         now = time.perf_counter()
         if self._t_last is not None:
             self.log("train/samples_per_s", bs / max(now - self._t_last, 1e-9), batch_size=bs)
         self._t_last = now
-        return out.loss
+        return loss
 
     def configure_optimizers(self):
         total = int(self.trainer.estimated_stepping_batches) if self.trainer else 1
