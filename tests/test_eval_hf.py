@@ -9,7 +9,6 @@ from egm.eval.hf import count_generated, hf_generate_fn
 from egm.eval.runner import evaluate
 from egm.generation import SamplingParams
 from egm.models import Qwen3VLAdapter
-from egm.models.tiny import tiny_checkpoint
 
 
 def test_count_generated_stops_at_first_stop_token():
@@ -18,9 +17,8 @@ def test_count_generated_stops_at_first_stop_token():
 
 
 @pytest.mark.timeout(60)
-def test_tiny_qwen_end_to_end(tmp_path_factory, tmp_path):
-    ckpt = tiny_checkpoint("qwen3_vl", tmp_path_factory.getbasetemp() / "tiny")
-    adapter = Qwen3VLAdapter(str(ckpt))
+def test_tiny_qwen_end_to_end(qwen_dir, tmp_path):
+    adapter = Qwen3VLAdapter(str(qwen_dir))
     torch.manual_seed(0)
     model = adapter.load_model().eval()
     gen = hf_generate_fn(adapter, model, SamplingParams(max_new_tokens=8))
@@ -35,11 +33,11 @@ def test_tiny_qwen_end_to_end(tmp_path_factory, tmp_path):
     assert res["latency"]["n"] == 1 and res["latency"]["mean_ms"] > 0
 
 
-def test_evaluate_checkpoint_from_manifest(tmp_path_factory, tmp_path):
+def test_evaluate_checkpoint_from_manifest(tiny_dirs, tmp_path):
     from egm.data.manifest import write_manifest
     from egm.eval.hf import evaluate_checkpoint
 
-    ckpt = tiny_checkpoint("internvl", tmp_path_factory.getbasetemp() / "tiny")
+    ckpt = tiny_dirs["internvl"]
     img = tmp_path / "a.png"
     Image.new("RGB", (64, 64), (90, 120, 30)).save(img)
     man = tmp_path / "cocoa_val.jsonl"

@@ -11,24 +11,9 @@ import transformers
 from PIL import Image
 
 from egm.models import InternVLAdapter, LoraSettings, Qwen3VLAdapter
-from egm.models.tiny import FAMILIES, make_tiny, tiny_checkpoint
+from egm.models.tiny import FAMILIES, make_tiny
 
 ADAPTERS = {"qwen3_vl": Qwen3VLAdapter, "internvl": InternVLAdapter}
-
-
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "tiny"
-    return {f: tiny_checkpoint(f, root) for f in FAMILIES}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared 2-core box thrash."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _batch(ad):

@@ -12,27 +12,16 @@ from egm.data.datamodule import GroundingDataModule
 from egm.data.synthetic import make_synthetic
 from egm.generation import SamplingParams
 from egm.models import Qwen3VLAdapter
-from egm.models.tiny import tiny_checkpoint
 from egm.reward import grounding_reward
 from egm.rl.module import GRPOModule
 
 ROLLOUT = SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp()
-    ck = tiny_checkpoint("qwen3_vl", root / "tiny")
-    paths = make_synthetic(str(root / "syn_module"), n_train=8, n_val=5, n_test=5, image_size=64)
-    return ck, paths
+def world(qwen_dir, tmp_path_factory):
+    paths = make_synthetic(str(tmp_path_factory.getbasetemp() / "syn_module"), n_train=8, n_val=5, n_test=5, image_size=64)
+    return qwen_dir, paths
 
 
 @pytest.fixture

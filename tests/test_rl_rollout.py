@@ -12,29 +12,17 @@ from egm.data.manifest import read_manifest
 from egm.data.synthetic import make_synthetic
 from egm.generation import SamplingParams
 from egm.models import Qwen3VLAdapter
-from egm.models.tiny import tiny_checkpoint
 from egm.rl.rollout import HFEngine, responses_from_rows, token_logprobs
 from egm.rl.vllm_engine import VLLMEngine, vllm_weight_names
 
 SAMPLING = SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=10)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is ~10x faster than two on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def setup(one_thread, tmp_path_factory):
-    root = tmp_path_factory.getbasetemp()
-    ck = tiny_checkpoint("qwen3_vl", root / "tiny")
-    paths = make_synthetic(str(root / "syn_rollout"), n_train=4, n_val=5, n_test=5, image_size=64)
+def setup(qwen_dir, tmp_path_factory):
+    paths = make_synthetic(str(tmp_path_factory.getbasetemp() / "syn_rollout"), n_train=4, n_val=5, n_test=5, image_size=64)
     exs = [{"sample": s, "image": Image.open(s.image).convert("RGB")} for s in read_manifest(paths["val"])[:3]]
-    ad = Qwen3VLAdapter(str(ck))
+    ad = Qwen3VLAdapter(str(qwen_dir))
     torch.manual_seed(0)
     return ad, ad.load_model(), exs
 

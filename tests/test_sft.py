@@ -11,13 +11,7 @@ from egm.boxes import iou
 from egm.data.manifest import Sample
 from egm.generation import SamplingParams
 from egm.models import Qwen3VLAdapter
-from egm.models.tiny import tiny_checkpoint
 from egm.sft import GlobalBatchSize, SFTModule
-
-
-@pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    return tiny_checkpoint("qwen3_vl", tmp_path_factory.getbasetemp() / "tiny")
 
 
 def _examples(n=4, size=64):

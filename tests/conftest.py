@@ -1,0 +1,49 @@
+"""Fixtures shared by the test suite: tiny offline checkpoints and one torch thread."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+
+class TinyDirs(dict):
+    """``family -> tiny checkpoint dir``, each built on first use (a test of one family builds one)."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, family: str) -> Path:
+        from egm.models.tiny import tiny_checkpoint
+
+        self[family] = path = tiny_checkpoint(family, self.root)
+        return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> TinyDirs:
+    """Tiny checkpoints under ``<basetemp>/tiny``, shared by every test of the session."""
+    return TinyDirs(tmp_path_factory.getbasetemp() / "tiny")
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tiny_dirs) -> Path:
+    return tiny_dirs["qwen3_vl"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread; two threads on a shared 2-core box thrash.
+
+    Only set when a collected test module imported torch (collection precedes this fixture), so
+    pure-Python test files do not pay for importing it. Subprocess tests (DDP) set their own.
+    """
+    torch = sys.modules.get("torch")
+    n = torch.get_num_threads() if torch is not None else None
+    if torch is not None:
+        torch.set_num_threads(1)
+    yield
+    if torch is not None:
+        torch.set_num_threads(n)
