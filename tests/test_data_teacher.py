@@ -69,3 +69,22 @@ def test_amodal_trace_for_real_samples():
                  "part significantly to the left and significantly upward.")
     s.visible_box = [0, 0, 0, 0]
     assert "hidden" in amodal_trace(s)
+
+
+def test_guidance_is_the_curation_prompts_rule():
+    """One Fig. 11 rule: the oracle's words are those of the teacher prompt's ``{guidance_str}``."""
+    from egm.curation.prompts import expansion
+
+    for vis, am in [([10, 10, 50, 50], [0, 4, 50, 90]), ([5, 5, 10, 10], [0, 0, 12, 10]), ([0, 0, 40, 40], [0, 0, 41, 60])]:
+        e, g = expansion(vis, am), amodal_guidance(vis, am)
+        assert [(d, r) for d, _, r in g] == [(d, e.ratios[d]) for d in e.directions]
+        assert all(f"{d} ({w}, " in e.guidance_str for d, w, _ in g)
+
+
+def test_data_layer_imports_without_openai():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['openai'] = None; import egm.data.teacher, egm.data.synthetic; "
+            "from egm.data.teacher import OracleTeacher; from egm.curation.jobs import vanilla_request")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -228,7 +228,8 @@ def analyze_failures(
             COMPLEX_PROMPT subset (Table 1 rows); the analysed model is always the first row.
         name: the analysed model's name (cache key part and first row); default the file stem.
         teacher: OpenAI-compatible endpoint, limits and prices (env vars fill model/url/key).
-        teacher_class: ``module:callable`` building another Teacher (e.g. the synthetic oracle).
+        teacher_class: ``module:callable`` building another Teacher, e.g. the synthetic oracle
+            ``egm.data.teacher:OracleTeacher`` (then ``teacher`` is unused).
         cache: reply cache (JSONL); default ``<output folder>/teacher_cache.jsonl``.
         concurrency: requests in flight.
         progress: show a progress bar.

@@ -383,7 +383,8 @@ def curate(
         output: output manifest; ``<output>.failures.jsonl`` and ``<output>.stats.json`` go beside it.
         job: ``vanilla`` (Fig. 8), ``amodal`` (Figs. 9 -> 10 -> 11), or one amodal step alone.
         teacher: OpenAI-compatible endpoint, limits and prices (env vars fill model/url/key).
-        teacher_class: ``module:callable`` building another Teacher (e.g. the synthetic oracle).
+        teacher_class: ``module:callable`` building another Teacher, e.g. the synthetic oracle
+            ``egm.data.teacher:OracleTeacher`` (then ``teacher`` is unused).
         cache: reply cache (JSONL); default ``<output folder>/teacher_cache.jsonl``. Reruns reuse it.
         concurrency: requests in flight.
         limit: only the first ``limit`` samples (try a prompt on a few before paying for all).

@@ -240,7 +240,11 @@ TEMPLATES: dict[str, PromptTemplate] = {
 
 # Fig. 11 asks for the extension "using terms: slightly, a bit, moderately, considerably, or
 # significantly". The term is chosen from the extension relative to the visible extent on the same
-# axis (extension / visible width for left/right, / visible height for up/down): upper bounds.
+# axis (extension / visible width for left/right, / visible height for up/down): upper bounds. For
+# a one-sided occlusion a ratio r hides r / (1 + r) of the object: "slightly" < 9 %, "a bit" < 20 %,
+# "moderately" < 33 %, "considerably" < 50 %, "significantly" beyond. This is the one definition
+# of the rule: the synthetic oracle's traces (egm.data.teacher) use it too, so oracle-written and
+# teacher-written traces use the words alike.
 AMOUNT_TERMS: tuple[tuple[float, str], ...] = (
     (0.10, "slightly"),
     (0.25, "a bit"),
@@ -249,6 +253,8 @@ AMOUNT_TERMS: tuple[tuple[float, str], ...] = (
     (math.inf, "significantly"),
 )
 DIRECTIONS = ("left", "right", "up", "down")
+MIN_RATIO = 0.02   # an extension counts above this fraction of the visible extent ...
+MIN_PIXELS = 1.0   # ... and above this many pixels: annotation jitter is no occlusion
 
 
 @dataclass(frozen=True)
@@ -286,7 +292,9 @@ def amount_term(ratio: float) -> str:
     return AMOUNT_TERMS[-1][1]
 
 
-def expansion(visible: Sequence[float], amodal: Sequence[float], *, min_ratio: float = 0.02, min_pixels: float = 1.0) -> Expansion:
+def expansion(
+    visible: Sequence[float], amodal: Sequence[float], *, min_ratio: float = MIN_RATIO, min_pixels: float = MIN_PIXELS
+) -> Expansion:
     """Directions in which the amodal box extends past the visible (modal) box, and by how much.
 
     An extension counts when it exceeds both ``min_pixels`` and ``min_ratio`` of the visible

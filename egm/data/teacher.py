@@ -8,30 +8,41 @@ extend the visible part, using the words of Fig. 11 ("slightly", "a bit", "moder
 teacher is a deterministic function of ``Sample.meta`` (no API calls); traces are kept to one or
 two sentences (~15-40 words) so that a few-M-parameter model can learn them.
 
-:func:`amodal_guidance` works on any pair of boxes, so it also fills Fig. 11's
-``{guidance_str}`` for COCO-Amodal / TAO-Amodal curation.
+:class:`OracleTeacher` puts these functions behind the curation jobs' ``Teacher`` protocol
+(``egm curate --teacher_class egm.data.teacher:OracleTeacher``), so the CPU demo runs the same
+jobs, cache and parsers as an API teacher. :func:`amodal_guidance` works on any pair of boxes
+(the Fig. 11 rule of :func:`egm.curation.prompts.expansion`), so :func:`amodal_trace` also serves
+COCO-Amodal / TAO-Amodal samples.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+from egm.curation.prompts import (
+    AMODAL_DESCRIPTION,
+    AMODAL_REASONING,
+    AMODAL_VERIFICATION,
+    AMOUNT_TERMS,
+    FAILURE_ANALYSIS,
+    MIN_PIXELS,
+    MIN_RATIO,
+    VANILLA_REASONING,
+    amount_term,
+    expansion,
+)
 from egm.data.manifest import Sample
 
-# Extension of one side divided by the *visible* extent on that axis -> Fig. 11 word (upper
-# bounds). Same rule as the curation prompts (egm.curation.prompts.expansion), so synthetic traces
-# and teacher-written ones use the words alike. For a one-sided occlusion a ratio r hides
-# r / (1 + r) of the object: "slightly" < 9 %, "a bit" < 20 %, "moderately" < 33 %,
-# "considerably" < 50 %, "significantly" beyond.
-GUIDANCE_TERMS: tuple[tuple[float, str], ...] = (
-    (0.10, "slightly"),
-    (0.25, "a bit"),
-    (0.50, "moderately"),
-    (1.00, "considerably"),
-    (float("inf"), "significantly"),
-)
-GUIDANCE_MIN_RATIO = 0.02  # and more than GUIDANCE_MIN_PIXELS: annotation jitter is no occlusion
-GUIDANCE_MIN_PIXELS = 1.0
+if TYPE_CHECKING:
+    from egm.curation.client import Reply, TeacherRequest
+
+# Extension of one side / visible extent on that axis -> Fig. 11 word: one rule, defined with the
+# prompts (egm.curation.prompts.AMOUNT_TERMS); these names are kept for the data layer.
+GUIDANCE_TERMS = AMOUNT_TERMS
+GUIDANCE_MIN_RATIO = MIN_RATIO  # and more than GUIDANCE_MIN_PIXELS: annotation jitter is no occlusion
+GUIDANCE_MIN_PIXELS = MIN_PIXELS
 DIRECTION_WORDS = {"left": "to the left", "right": "to the right", "up": "upward", "down": "downward"}
 _NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 _LOCATIONS = {
@@ -44,10 +55,7 @@ _LOCATIONS = {
 
 def extent_word(ratio: float) -> str:
     """Fig. 11 vocabulary for an extension of ``ratio`` times the visible extent."""
-    for bound, word in GUIDANCE_TERMS:
-        if ratio < bound:
-            return word
-    return GUIDANCE_TERMS[-1][1]
+    return amount_term(ratio)
 
 
 def amodal_guidance(
@@ -60,19 +68,11 @@ def amodal_guidance(
 
     Returns ``[(direction, word, ratio), ...]`` in the order left, right, up, down, where
     ``ratio`` is the extension on that side divided by the visible width (left/right) or height
-    (up/down); an empty visible extent gives ``inf`` ("significantly").
+    (up/down); an empty visible extent gives ``inf`` ("significantly"). The same directions and
+    words as Fig. 11's ``{guidance_str}`` (:func:`egm.curation.prompts.expansion`).
     """
-    vx1, vy1, vx2, vy2 = (float(v) for v in visible_box)
-    ax1, ay1, ax2, ay2 = (float(v) for v in amodal_box)
-    vw, vh = max(vx2 - vx1, 0.0), max(vy2 - vy1, 0.0)
-    out = []
-    for direction, ext, size in (("left", vx1 - ax1, vw), ("right", ax2 - vx2, vw), ("up", vy1 - ay1, vh), ("down", ay2 - vy2, vh)):
-        if ext <= min_pixels:
-            continue
-        r = ext / size if size > 0 else float("inf")
-        if r > min_ratio:
-            out.append((direction, extent_word(r), r))
-    return out
+    e = expansion(visible_box, amodal_box, min_ratio=min_ratio, min_pixels=min_pixels)
+    return [(d, amount_term(e.ratios[d]), e.ratios[d]) for d in e.directions]
 
 
 def guidance_text(guidance: list[tuple[str, str, float]]) -> str:
@@ -146,3 +146,150 @@ def amodal_trace(sample: Sample, occluder: str | None = None) -> str:
     by = f" by the {occluder}" if occluder else ""
     g = guidance_text(amodal_guidance(sample.visible_box, sample.box))
     return f"The {name} is partly hidden{by}. To recover the complete {name}, extend the visible part {g}."
+
+
+# ---------------------------------------------------------------------------------------------
+# The oracle behind the curation jobs' Teacher protocol
+
+
+def _expression_patterns() -> tuple[re.Pattern, re.Pattern, re.Pattern]:
+    from egm.data.synthetic import COLOURS, DIRECTIONS, ORDINALS, RELATIONS, SHAPES, SIZES
+
+    alt = "|".join
+    np_ = rf"(?:({alt(SIZES)}) )?(?:({alt(COLOURS)}) )?({alt(SHAPES)})"
+    ordinal = re.compile(rf"the ({alt(ORDINALS)}) ({alt(SHAPES)}) from the ({alt(DIRECTIONS)})")
+    relation = re.compile(rf"the {np_} ({alt(RELATIONS)}) (the .+)")
+    plain = re.compile(rf"the {np_}")
+    return ordinal, relation, plain
+
+
+def parse_expression(text: str) -> dict[str, Any] | None:
+    """A referring expression in the synthetic grammar -> ``meta["expression"]`` form, else None.
+
+    The inverse of :func:`egm.data.synthetic.sentence_of` (case, spaces and a final period
+    ignored), so that a description can be checked with :func:`egm.data.synthetic.resolve`.
+    """
+    from egm.data.synthetic import ORDINALS
+
+    ordinal, relation, plain = _expression_patterns()
+    t = " ".join(text.lower().strip().rstrip(".").split())
+    if m := ordinal.fullmatch(t):
+        return {"shape": m[2], "ordinal": ORDINALS.index(m[1]) + 1, "direction": m[3]}
+    if m := relation.fullmatch(t):
+        anchor = parse_expression(m[5])
+        if anchor is None or "ordinal" in anchor or "relation" in anchor:
+            return None
+        return {**_attrs(m[1], m[2], m[3]), "relation": m[4], "anchor": anchor}
+    if m := plain.fullmatch(t):
+        return _attrs(m[1], m[2], m[3])
+    return None
+
+
+def _attrs(size: str | None, colour: str | None, shape: str) -> dict[str, str]:
+    return {"shape": shape, **({"colour": colour} if colour else {}), **({"size": size} if size else {})}
+
+
+def synthetic_description(sample: Sample) -> str:
+    """Fig. 9 for a synthetic sample: the shortest expression (shape, + colour, + size, + both)
+    that singles the target out, else the scene's own (ordinal / relation) expression."""
+    from egm.data.synthetic import resolve, sentence_of
+
+    m = sample.meta
+    objs, t = m["objects"], m["target"]
+    o = objs[t]
+    for keys in ((), ("colour",), ("size",), ("size", "colour")):
+        expr = {"shape": o["shape"], **{k: o[k] for k in keys}}
+        if resolve(expr, objs) == [t]:
+            return sentence_of(expr)
+    return sentence_of(m["expression"])
+
+
+def _is_synthetic(sample: Sample) -> bool:
+    return all(k in sample.meta for k in ("objects", "target", "expression", "difficulty"))
+
+
+_COMPLEX_WORDS = re.compile(
+    r"\b(first|second|third|fourth|fifth|last|left of|right of|above|below|between|behind|in front of|"
+    r"next to|closest|nearest|farthest|furthest)\b")
+SMALL_FRACTION = 0.01  # a GT box under 1 % of the image is a SMALL_OBJECT failure
+
+
+def failure_verdict(sample: Sample, question: str) -> tuple[str, str, str]:
+    """Fig. 13 category, reasoning and confidence of a failed prediction, from what is known.
+
+    Synthetic samples: ordinal / relation difficulties are COMPLEX_PROMPT (the paper's family),
+    attribute ones AMBIGUOUS_IMAGE (similar objects, simple prompt), a target under
+    ``SMALL_FRACTION`` of the image SMALL_OBJECT, the rest OTHER, all with high confidence. Other
+    samples: the same rules on the question's words and the box, with medium confidence.
+    """
+    x1, y1, x2, y2 = sample.box
+    small = max(x2 - x1, 0) * max(y2 - y1, 0) < SMALL_FRACTION * sample.width * sample.height
+    if _is_synthetic(sample):
+        d, conf = sample.meta["difficulty"], "high"
+        complex_, similar = d in ("ordinal", "relation"), d == "attribute"
+    else:
+        d, conf = None, "medium"
+        complex_, similar = bool(_COMPLEX_WORDS.search(question.lower())), False
+    if complex_:
+        why = (f"The prompt \"{question}\" needs {'counting' if d == 'ordinal' else 'a spatial relation'} "
+               "to tell apart similar objects. The prediction picked one of the look-alikes.")
+        return "COMPLEX_PROMPT", why, conf
+    if small:
+        return "SMALL_OBJECT", "The target covers a tiny part of the image. The prediction missed it.", conf
+    if similar:
+        return "AMBIGUOUS_IMAGE", ("Several objects share the target's shape, and only one attribute in the "
+                                   "simple prompt tells them apart."), conf
+    return "OTHER", "The prompt is simple and the target is clearly visible, yet the prediction missed it.", conf
+
+
+class OracleTeacher:
+    """The synthetic world's oracle as a curation :class:`~egm.curation.client.Teacher`.
+
+    Answers every job from ``request.job``, ``request.sample`` and ``request.fields``, never from
+    pixels, in the formats the jobs' parsers read:
+
+    * Fig. 8 vanilla reasoning: :func:`synthetic_trace` (synthetic samples only);
+    * Fig. 9 amodal description: :func:`synthetic_description`, else the sample's sentence;
+    * Fig. 10 verification: ``YES`` when the description resolves to the target alone
+      (:func:`egm.data.synthetic.resolve`); for a non-synthetic sample, when it is the sentence;
+    * Fig. 11 amodal reasoning: :func:`synthetic_trace` (occluder + Fig. 11 guidance), else
+      :func:`amodal_trace` from the boxes;
+    * Fig. 13 failure analysis: :func:`failure_verdict` in the ``<category>`` format.
+
+    A request it cannot answer (vanilla reasoning without a synthetic scene) raises
+    ``TeacherError``: the job records the sample as failed. Deterministic and thread-safe.
+    """
+
+    model = "oracle"
+
+    def complete(self, request: TeacherRequest) -> Reply:
+        from egm.curation.client import Reply, TeacherError
+
+        s, f = request.sample, request.fields
+        if request.job == VANILLA_REASONING.name:
+            if not _is_synthetic(s):
+                raise TeacherError(f"oracle: sample {s.id} has no synthetic scene (meta.objects) to explain")
+            text = synthetic_trace(s)
+        elif request.job == AMODAL_DESCRIPTION.name:
+            text = synthetic_description(s) if _is_synthetic(s) else s.sentence
+        elif request.job == AMODAL_VERIFICATION.name:
+            text = "YES" if self.confirms(s, str(f.get("description", s.sentence))) else "NO"
+        elif request.job == AMODAL_REASONING.name:
+            text = synthetic_trace(s) if _is_synthetic(s) and s.meta["difficulty"] == "amodal" else amodal_trace(s)
+        elif request.job == FAILURE_ANALYSIS.name:
+            cat, why, conf = failure_verdict(s, str(f.get("question", s.sentence)))
+            text = f"<category> {cat} </category>\n<reasoning> {why} </reasoning>\n<confidence> {conf} </confidence>"
+        else:
+            raise ValueError(f"OracleTeacher: no answer for job {request.job!r}")
+        return Reply(text)
+
+    @staticmethod
+    def confirms(sample: Sample, description: str) -> bool:
+        """Fig. 10: does ``description`` single out the sample's target?"""
+        if not _is_synthetic(sample):
+            norm = lambda x: " ".join(x.lower().strip().rstrip(".").split())  # noqa: E731
+            return norm(description) == norm(sample.sentence)
+        from egm.data.synthetic import resolve
+
+        expr = parse_expression(description)
+        return expr is not None and resolve(expr, sample.meta["objects"]) == [sample.meta["target"]]
