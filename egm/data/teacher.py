@@ -172,7 +172,7 @@ def parse_expression(text: str) -> dict[str, Any] | None:
     from egm.data.synthetic import ORDINALS
 
     ordinal, relation, plain = _expression_patterns()
-    t = " ".join(text.lower().strip().rstrip(".").split())
+    t = _normal(text)
     if m := ordinal.fullmatch(t):
         return {"shape": m[2], "ordinal": ORDINALS.index(m[1]) + 1, "direction": m[3]}
     if m := relation.fullmatch(t):
@@ -183,6 +183,10 @@ def parse_expression(text: str) -> dict[str, Any] | None:
     if m := plain.fullmatch(t):
         return _attrs(m[1], m[2], m[3])
     return None
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.lower().strip().rstrip(".").split())
 
 
 def _attrs(size: str | None, colour: str | None, shape: str) -> dict[str, str]:
@@ -226,19 +230,22 @@ def failure_verdict(sample: Sample, question: str) -> tuple[str, str, str]:
     small = max(x2 - x1, 0) * max(y2 - y1, 0) < SMALL_FRACTION * sample.width * sample.height
     if _is_synthetic(sample):
         d, conf = sample.meta["difficulty"], "high"
-        complex_, similar = d in ("ordinal", "relation"), d == "attribute"
+        cue = {"ordinal": "counting", "relation": "a spatial relation"}.get(d)
+        similar = d == "attribute"
     else:
-        d, conf = None, "medium"
-        complex_, similar = bool(_COMPLEX_WORDS.search(question.lower())), False
-    if complex_:
-        why = (f"The prompt \"{question}\" needs {'counting' if d == 'ordinal' else 'a spatial relation'} "
-               "to tell apart similar objects. The prediction picked one of the look-alikes.")
+        m, conf = _COMPLEX_WORDS.search(question.lower()), "medium"
+        cue, similar = (f'the word "{m[1]}"' if m else None), False
+    if cue:
+        why = (f'The prompt "{question}" needs {cue} to tell apart similar objects. '
+               "The prediction picked one of the look-alikes.")
         return "COMPLEX_PROMPT", why, conf
     if small:
         return "SMALL_OBJECT", "The target covers a tiny part of the image. The prediction missed it.", conf
     if similar:
         return "AMBIGUOUS_IMAGE", ("Several objects share the target's shape, and only one attribute in the "
                                    "simple prompt tells them apart."), conf
+    if sample.task == "amodal":
+        return "OTHER", "The prompt is simple; the target is partly hidden and the prediction missed its full extent.", conf
     return "OTHER", "The prompt is simple and the target is clearly visible, yet the prediction missed it.", conf
 
 
@@ -287,8 +294,7 @@ class OracleTeacher:
     def confirms(sample: Sample, description: str) -> bool:
         """Fig. 10: does ``description`` single out the sample's target?"""
         if not _is_synthetic(sample):
-            norm = lambda x: " ".join(x.lower().strip().rstrip(".").split())  # noqa: E731
-            return norm(description) == norm(sample.sentence)
+            return _normal(description) == _normal(sample.sentence)
         from egm.data.synthetic import resolve
 
         expr = parse_expression(description)
