@@ -88,3 +88,17 @@ def test_split_names_and_columns():
     assert table3_columns() == ["Model", "RefCOCO val", "RefCOCO test-A", "RefCOCO test-B", "RefCOCO+ val",
                                 "RefCOCO+ test-A", "RefCOCO+ test-B", "RefCOCOg val", "RefCOCOg test", "Avg. Acc"]
     assert table4_columns() == ["Model", "Amodal Acc"]
+
+
+def test_headline_accuracy_falls_back_to_labelled_macro_average():
+    from egm.eval.benchmarks import REFCOCO_SPLIT_NAMES
+    from egm.eval.metrics import headline_accuracy
+
+    synthetic = {"val_plain": {"accuracy": 0.9}, "val_relation": {"accuracy": 0.3}}
+    acc, label = headline_accuracy(synthetic)
+    assert acc == pytest.approx(0.6) and "evaluated splits" in label
+    full = {n: {"accuracy": 0.5 + 0.05 * i} for i, n in enumerate(REFCOCO_SPLIT_NAMES)}
+    full["extra"] = {"accuracy": 0.0}  # ignored once the eight RefCOCO splits are all present
+    acc, label = headline_accuracy(full)
+    assert acc == pytest.approx(0.5 + 0.05 * 3.5) and label == "RefCOCO Avg. Acc"
+    assert headline_accuracy({}) == (None, "Macro Avg. Acc")

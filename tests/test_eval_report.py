@@ -114,3 +114,15 @@ def test_make_report_end_to_end(tmp_path, result_files):
         assert name in written
     with Image.open(written["accuracy_vs_latency.png"]) as im:
         assert im.size == (7 * 150, 5 * 150)
+
+
+def test_splits_table_lists_every_evaluated_split():
+    from egm.eval.report import splits_rows
+
+    rows, cols = splits_rows([
+        {"model": "a", "splits": {"val_plain": {"accuracy": 0.75}, "val_relation": {"accuracy": 0.25}}},
+        {"model": "b", "splits": {"val_plain": {"accuracy": 0.5}}},
+    ])
+    assert cols == ["Model", "val_plain", "val_relation", "Macro Avg."]
+    assert rows[0] == {"Model": "a", "val_plain": "75.0", "val_relation": "25.0", "Macro Avg.": "50.0"}
+    assert rows[1]["val_relation"] == "-" and rows[1]["Macro Avg."] == "50.0"

@@ -16,7 +16,7 @@ from typing import Any
 from egm.eval.benchmarks import (
     AMODAL_COLUMN, AVG_COLUMN, MODEL_COLUMN, REFCOCO_SPLITS, canonical_split, table3_columns, table4_columns,
 )
-from egm.eval.metrics import amodal_accuracy, refcoco_average
+from egm.eval.metrics import amodal_accuracy, headline_accuracy, refcoco_average
 
 MISSING = "-"
 EFFICIENCY_COLUMNS = [MODEL_COLUMN, "#Params (B)", "#GPUs", "Latency (ms)", "Latency p50 (ms)",
@@ -64,6 +64,15 @@ def table3_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     return rows
 
 
+def splits_rows(results: Sequence[dict[str, Any]]) -> tuple[list[dict[str, str]], list[str]]:
+    """Every evaluated split as a column (accuracy %), for benchmarks outside Tables 3/4."""
+    names = sorted({n for r in results for n in r["splits"]})
+    rows = [{MODEL_COLUMN: r["model"], **{n: pct(r["splits"][n]["accuracy"]) if n in r["splits"] else MISSING
+                                          for n in names},
+             "Macro Avg.": pct(headline_accuracy(r["splits"])[0])} for r in results]
+    return rows, [MODEL_COLUMN, *names, "Macro Avg."]
+
+
 def table4_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     """Table 4: pooled accuracy over the amodal (COCO-Amodal val + test) samples."""
     return [{MODEL_COLUMN: r["model"], AMODAL_COLUMN: pct(amodal_accuracy(r["splits"]))} for r in results]
@@ -106,13 +115,14 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, str]], columns: 
 
 
 def write_tables(results: Sequence[dict[str, Any]], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``table3``, ``table4`` and ``efficiency`` as ``.md`` and ``.csv``; returns the paths."""
+    """Write ``table3``, ``table4``, ``efficiency`` and ``splits`` (every split) as ``.md`` and ``.csv``; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tables = {
         "table3": (table3_rows(results), table3_columns()),
         "table4": (table4_rows(results), table4_columns()),
         "efficiency": (efficiency_rows(results), EFFICIENCY_COLUMNS),
+        "splits": splits_rows(results),
     }
     paths: dict[str, Path] = {}
     for name, (rows, cols) in tables.items():
