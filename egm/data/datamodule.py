@@ -26,6 +26,7 @@ attached the module.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections import Counter
@@ -100,6 +101,15 @@ class WeightedMixSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "seed": self.seed, "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state.get("seed"), state.get("num_samples")) != (self.seed, self.num_samples):
+            raise ValueError(f"cannot resume the train order: checkpoint sampler has seed {state.get('seed')}, "
+                             f"{state.get('num_samples')} samples/epoch; this run has {self.seed}, {self.num_samples}")
+        self.epoch = int(state["epoch"])
+
     def __len__(self) -> int:
         return self.num_samples
 
@@ -116,6 +126,69 @@ class WeightedMixSampler(Sampler[int]):
         if self.shuffle:
             order = order[rng.permutation(len(order))]
         return iter(order.tolist())
+
+
+class _SkipFirst:
+    """A batch sampler whose next iteration skips ``skip`` batches (indices only: no data is loaded)."""
+
+    def __init__(self, batch_sampler):
+        self.batch_sampler, self.skip = batch_sampler, 0
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)  # full length: Lightning counts the skipped batches as done
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.batch_sampler), skip, None)
+
+
+class ResumableDataLoader(DataLoader):
+    """A train ``DataLoader`` that resumes mid-epoch exactly (Lightning's stateful-loader protocol).
+
+    Lightning 2.6 saves ``state_dict()`` of every train loader that has one in the checkpoint
+    (``loops.fit_loop.combined_loader``) and calls ``load_state_dict`` before it iterates again;
+    for a plain loader it restarts the epoch from its first batch. Here the state is the sampler's
+    epoch and the number of batches this loader has handed to the loop in the epoch (Lightning
+    does not prefetch sized loaders, so this is the number of batches trained on); on resume the
+    sampler's epoch is restored and that many batches of *indices* are skipped. Under DDP Lightning
+    wraps the sampler in a ``DistributedSamplerWrapper`` that shards the full epoch order, so
+    skipping the first ``k`` local batches on every rank skips the first ``k * batch * world``
+    samples of the global order.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._batches = 0
+        self._skip_sampler = _SkipFirst(self.batch_sampler) if self._auto_collation else None
+
+    @property
+    def _index_sampler(self):
+        return self._skip_sampler if self._skip_sampler is not None else super()._index_sampler
+
+    def __iter__(self):
+        self._batches = self._skip_sampler.skip if self._skip_sampler is not None else 0
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self._batches, "sampler": getattr(_base_sampler(self.sampler), "state_dict", dict)()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        base = _base_sampler(self.sampler)
+        if state.get("sampler") and hasattr(base, "load_state_dict"):
+            base.load_state_dict(state["sampler"])
+            if hasattr(self.sampler, "set_epoch"):
+                self.sampler.set_epoch(base.epoch)  # also the DDP wrapper (loader built before set_epoch)
+        if self._skip_sampler is None and state.get("batches"):
+            raise ValueError("ResumableDataLoader can only skip batches with a batch_size (auto-collation)")
+        if self._skip_sampler is not None:
+            self._skip_sampler.skip = int(state.get("batches", 0)) % max(len(self), 1)
+
+
+def _base_sampler(sampler):
+    """The user's sampler under Lightning's ``DistributedSamplerWrapper`` (``.dataset._sampler``)."""
+    return getattr(getattr(sampler, "dataset", None), "_sampler", sampler)
 
 
 def _line_of(manifest: str | os.PathLike, sample_id: str) -> int | None:
@@ -286,7 +359,7 @@ class GroundingDataModule(L.LightningDataModule):
         if not self.train_sets:
             raise ValueError("GroundingDataModule: no train manifests given")
         self._sampler = self.train_sampler()
-        return DataLoader(
+        return ResumableDataLoader(
             self._dataset_concat(), batch_size=self.batch_size, sampler=self._sampler,
             num_workers=self.num_workers, collate_fn=self.collate_fn("train"),
             persistent_workers=self.num_workers > 0, drop_last=False,
