@@ -63,14 +63,18 @@ class GroundingValidation:
         return self.metrics[safe]
 
     @torch.no_grad()
-    def step(self, batch: dict[str, Any], dataloader_idx: int, stage: str) -> list:
+    def generate(self, batch: dict[str, Any]) -> tuple[list, list[str], list]:
+        """Greedy answers for a generation batch -> (samples, texts, scored answers)."""
         adapter: GroundingAdapter = self.module.adapter
         inputs = batch["inputs"]
         out = self.module.model.generate(**inputs, **self.sampling.hf_generate_kwargs(),
                                          pad_token_id=adapter.pad_token_id)
         texts = adapter.decode(out, inputs["input_ids"].shape[1])
         samples = [ex["sample"] for ex in batch["examples"]]
-        scored = score_texts(texts, samples, adapter.parse)
+        return samples, texts, score_texts(texts, samples, adapter.parse)
+
+    def step(self, batch: dict[str, Any], dataloader_idx: int, stage: str) -> list:
+        samples, texts, scored = self.generate(batch)
         split = self.split_name(dataloader_idx, stage)
         rec = self.records.setdefault(stage, [])
         for text, sample, sc in zip(texts, samples, scored):
@@ -193,6 +197,13 @@ class SFTModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.validation.epoch_end("test")
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """``egm predict``: one record per sample (answer text, parsed box, IoU against the manifest box)."""
+        samples, texts, scored = self.validation.generate(batch)
+        return [{"id": s.id, "sentence": s.sentence, "answer": t, "pred_box": sc.pred_box, "gt_box": s.box,
+                 "iou": sc.iou, "success": sc.success, "parse_failure": sc.failure}
+                for s, t, sc in zip(samples, texts, scored)]
 
     # -- export ----------------------------------------------------------------------------
     def on_fit_end(self) -> None:

@@ -382,6 +382,10 @@ class GroundingDataModule(L.LightningDataModule):
             self.setup("test")
         return self._eval_loaders(self.test_sets, "test")
 
+    def predict_dataloader(self) -> list[DataLoader]:
+        """``egm predict`` runs over the test splits (the val splits when no test split is given)."""
+        return self.test_dataloader() if self.test_paths else self.val_dataloader()
+
     def split_name(self, stage: str, dataloader_idx: int = 0) -> str:
         """Name of the val/test split behind Lightning's ``dataloader_idx``."""
         return (self.val_names if stage in ("val", "validate", "validation") else self.test_names)[dataloader_idx]
