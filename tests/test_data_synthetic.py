@@ -141,3 +141,21 @@ def test_scenes_at_other_sizes(size):
             sc = make_scene(sample_rng(0, "x", i), d, size)
             assert resolve(sc.expression, sc.objects) == [sc.target]
             assert all(o.side == max(4, round(SIZES[o.size] * size)) for o in sc.objects)
+
+
+def test_grid_layout_centres_objects_in_cells(tmp_path):
+    """``grid=4``: every non-occluding object sits centred in one 32-px cell; boxes stay exact."""
+    paths = make_synthetic(str(tmp_path), n_train=20, n_val=10, n_test=5, seed=1, grid=4)
+    assert json.loads((tmp_path / "synthetic_config.json").read_text())["grid"] == 4
+    for s in read_manifest(paths["train"]) + read_manifest(paths["val"]):
+        img = np.asarray(Image.open(s.image).convert("RGB"))
+        for i, o in enumerate(s.meta["objects"]):
+            assert _bbox(object_mask(o, s.width)) == o["box"]
+            if i == s.meta.get("occluder"):
+                continue  # the occluder is placed freely over part of the target
+            assert o["side"] in (19, 29)  # 0.6 / 0.9 of a 32-px cell
+            for lo in (o["x0"], o["y0"]):
+                assert lo % 32 == (32 - o["side"]) // 2
+        t = s.meta["objects"][s.meta["target"]]
+        assert s.box == _bbox(object_mask(t, s.width))
+        assert img.shape == (128, 128, 3)
