@@ -7,7 +7,10 @@ Steps (each skipped when its output already exists, so a rerun is cheap):
 2. measure the untrained model and a trivial baseline (the mean training box, in relative
    coordinates) on every validation split;
 3. SFT with ``configs/demo_sft.yaml`` (the same ``LightningCLI`` as ``egm fit``);
-4. measure again and print the before/after table (also written to ``runs/demo/results.md``).
+4. measure again and print the before/after table (also written to ``runs/demo/results.md``);
+5. evaluate the exported checkpoint on the test splits (``egm evaluate``: predictions, latency)
+   and write the report (``egm report``: tables, accuracy-vs-latency figure, IoU histogram,
+   qualitative panels) to ``runs/demo/report``.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ def demo(
     """Run the CPU demo (see module docstring); returns ``{row: {split: accuracy}}``.
 
     Args:
-        config: the SFT recipe (its paths must point under ``root``).
+        config: the SFT recipe; its ``runs/demo/`` paths are rebased on ``root`` (the resolved
+            recipe is saved as ``<root>/demo_sft.yaml``).
         root: where the tiny checkpoint, data, logs and export go.
         n_train, n_val: synthetic world sizes.
         max_epochs: override the recipe's epochs (quick runs).
@@ -72,7 +76,10 @@ def demo(
     root_p = Path(root)
     make_tiny("qwen3_vl", root_p / "tiny_qwen3vl")
     make_synthetic(str(root_p / "data"), n_train=n_train, n_val=n_val, n_test=n_val)
-    args = ["--config", config]
+    # The recipe names its files under runs/demo/; rebase them on `root` and keep the result.
+    text = Path(config).read_text().replace("runs/demo/", f"{root_p.as_posix().rstrip('/')}/")
+    (root_p / "demo_sft.yaml").write_text(text)
+    args = ["--config", str(root_p / "demo_sft.yaml")]
     if max_epochs is not None:
         args += ["--trainer.max_epochs", str(max_epochs)]
     cli = lightning_cli(args, run=False)
@@ -94,7 +101,25 @@ def demo(
     (root_p / "results.md").write_text(summary)
     (root_p / "results.json").write_text(json.dumps(rows, indent=1))
     print("\n" + summary)
+    export = getattr(model.hparams, "export_dir", None)
+    if export and Path(export).is_dir():
+        report = evaluation_report(export, root_p, [s.replace("val_", "test_", 1) for s in splits],
+                                   max_new_tokens=model.validation.sampling.max_new_tokens)
+        print(f"report written to {report}")
     return rows
+
+
+def evaluation_report(checkpoint: str, root: Path, splits: list[str], max_new_tokens: int = 96) -> Path:
+    """``egm evaluate`` on the synthetic test splits, then ``egm report`` (tables and figures)."""
+    from egm.eval.hf import evaluate_checkpoint
+    from egm.eval.report import make_report
+
+    manifests = {s: str(root / "data" / f"{s}.jsonl") for s in splits if (root / "data" / f"{s}.jsonl").exists()}
+    evaluate_checkpoint(checkpoint, manifests, str(root / "eval" / "sft"), family="qwen3_vl",
+                        model_name="EGM-tiny-Qwen3-VL (SFT demo)", batch_size=40, torch_dtype="float32",
+                        device="cpu", max_new_tokens=max_new_tokens)
+    make_report([str(root / "eval" / "sft")], out_dir=str(root / "report"), qualitative=4)
+    return root / "report"
 
 
 def _validate(trainer, model, dm) -> dict[str, float]:

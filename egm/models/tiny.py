@@ -6,7 +6,9 @@ chat template), without network and in milliseconds. :func:`make_tiny` writes su
 
 * config: the real architecture class (``Qwen3VLForConditionalGeneration`` /
   ``InternVLForConditionalGeneration``) with small dims (all of them arguments);
-* weights: seeded random init (``torch.manual_seed(seed)``), so a folder is reproducible;
+* weights: seeded random init (``torch.manual_seed(seed)``), so a folder is reproducible, with
+  two changes to the standard init (:func:`_init_for_grounding`) that let a from-scratch model
+  learn to *locate* things within minutes on a CPU;
 * tokenizer: a byte-level BPE trained offline with ``tokenizers`` on a corpus of the Figure-7
   prompts, referring-expression words, JSON / ``<box>`` answers and reasoning sentences. It uses
   the Qwen2 pre-tokenizer regex, which isolates every digit, so a 0-1000 coordinate costs at
@@ -40,7 +42,10 @@ import torch
 
 FAMILIES = ("qwen3_vl", "internvl")
 _MARKER = "egm_tiny.json"
-_VERSION = 1
+_VERSION = 2
+# Init scales for grounding from scratch (see _init_for_grounding).
+QK_INIT_SCALE = 4.0
+VISION_POS_INIT_STD = 1.0
 
 # Qwen2 / Qwen3 pre-tokenisation regex (digits isolated by ``\p{N}``), as in Qwen2Tokenizer.
 _PRETOKENIZE_REGEX = (
@@ -257,6 +262,7 @@ def _write(family: str, out: Path, seed: int, dims: dict[str, int]) -> None:
     cls = Qwen3VLForConditionalGeneration if family == "qwen3_vl" else InternVLForConditionalGeneration
     torch.manual_seed(seed)
     model = cls(cfg).eval()
+    _init_for_grounding(model)
     stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
     model.generation_config = GenerationConfig(eos_token_id=stop, pad_token_id=tok.pad_token_id, do_sample=False)
     model.save_pretrained(out)
@@ -267,6 +273,26 @@ def _write(family: str, out: Path, seed: int, dims: dict[str, int]) -> None:
     n = sum(p.numel() for p in model.parameters())
     (out / _MARKER).write_text(json.dumps(
         {"family": family, "seed": seed, "dims": dims, "version": _VERSION, "parameters": n}, indent=1))
+
+
+@torch.no_grad()
+def _init_for_grounding(model: torch.nn.Module) -> None:
+    """Make attention content-selective and positions visible from the first step.
+
+    With the standard init (std 0.02 everywhere) a tiny VLM learns *what* is in the image in a
+    few dozen steps but sits for hundreds of steps at chance on *where* it is: the absolute
+    position code of the vision tower is tiny next to the patch content, and near-uniform
+    attention averages the object token with the background, which cancels the position signal.
+    Measured on this CPU (quadrant of one square, batch 16, lr 2e-3): standard init at chance
+    after 500 steps; query/key projections x4 learns it by ~475 steps; with the vision position
+    embedding at std 1.0 as well, by ~325 steps. Real checkpoints are pre-trained and unaffected.
+    """
+    for name, p in model.named_parameters():
+        if p.ndim == 2 and any(k in name for k in ("q_proj", "k_proj", ".qkv.")):
+            p.mul_(QK_INIT_SCALE)
+        # Qwen3-VL: visual.pos_embed (an Embedding); InternVL: vision_tower.embeddings.position_embeddings
+        if name.endswith(("visual.pos_embed.weight", "vision_tower.embeddings.position_embeddings")):
+            p.normal_(0.0, VISION_POS_INIT_STD)
 
 
 def _same_tree(a: Path, b: Path) -> bool:
