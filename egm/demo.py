@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from egm.boxes import iou_batch
-from egm.data.manifest import Sample, read_manifest
+from egm.data.manifest import Sample
 
 
 def mean_box_baseline(train: Sequence[Sample], evals: dict[str, Sequence[Sample]]) -> dict[str, float]:

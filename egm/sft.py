@@ -99,7 +99,45 @@ class GroundingValidation:
         return out
 
 
-class SFTModule(LightningModule):
+class GroundingEvalHooks:
+    """Validation, test, predict and export hooks shared by the SFT and GRPO modules.
+
+    The host LightningModule provides ``self.validation`` (:class:`GroundingValidation`),
+    ``self.adapter``, ``self.model`` and an ``export_dir`` hyper-parameter.
+    """
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
+        self.validation.step(batch, dataloader_idx, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self.validation.epoch_end("val")
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
+        self.validation.step(batch, dataloader_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.validation.epoch_end("test")
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """``egm predict``: one record per sample (answer text, parsed box, IoU against the manifest box)."""
+        samples, texts, scored = self.validation.generate(batch)
+        return [{"id": s.id, "sentence": s.sentence, "answer": t, "pred_box": sc.pred_box, "gt_box": s.box,
+                 "iou": sc.iou, "success": sc.success, "parse_failure": sc.failure}
+                for s, t, sc in zip(samples, texts, scored)]
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_dir:
+            self.export(self.hparams.export_dir)
+
+    @rank_zero_only
+    def export(self, out_dir: str | Path) -> Path:
+        """Write a Hugging Face folder (LoRA merged) that transformers and vLLM load."""
+        path = self.adapter.save_pretrained(self.model, out_dir)
+        log.info("exported Hugging Face checkpoint to %s", path)
+        return Path(path)
+
+
+class SFTModule(GroundingEvalHooks, LightningModule):
     """SFT of any :class:`~egm.models.base.GroundingAdapter` model on (image, prompt, trace+answer).
 
     Args:
@@ -184,39 +222,6 @@ class SFTModule(LightningModule):
         h = self.hparams
         return build_optimizer(self.model.parameters(), h.lr, h.weight_decay, tuple(h.betas),
                                h.warmup_steps, total, h.min_lr_ratio)
-
-    # -- validation / test -----------------------------------------------------------------
-    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
-        self.validation.step(batch, dataloader_idx, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self.validation.epoch_end("val")
-
-    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
-        self.validation.step(batch, dataloader_idx, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self.validation.epoch_end("test")
-
-    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        """``egm predict``: one record per sample (answer text, parsed box, IoU against the manifest box)."""
-        samples, texts, scored = self.validation.generate(batch)
-        return [{"id": s.id, "sentence": s.sentence, "answer": t, "pred_box": sc.pred_box, "gt_box": s.box,
-                 "iou": sc.iou, "success": sc.success, "parse_failure": sc.failure}
-                for s, t, sc in zip(samples, texts, scored)]
-
-    # -- export ----------------------------------------------------------------------------
-    def on_fit_end(self) -> None:
-        if self.hparams.export_dir:
-            self.export(self.hparams.export_dir)
-
-    @rank_zero_only
-    def export(self, out_dir: str | Path) -> Path:
-        """Write a Hugging Face folder (LoRA merged) that transformers and vLLM load."""
-        path = self.adapter.save_pretrained(self.model, out_dir)
-        log.info("exported Hugging Face checkpoint to %s", path)
-        return Path(path)
-
 
 class GlobalBatchSize(Callback):
     """Reach a global batch (paper: 128 for SFT, 256 for RL) by gradient accumulation.

@@ -65,7 +65,7 @@ def bench_egm(ck: Path, examples, G: int, T: int, steps: int, root: Path) -> lis
 
 def bench_trl(ck: Path, examples, G: int, T: int, steps: int, root: Path) -> list[float]:
     from datasets import Dataset
-    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration, TrainerCallback
+    from transformers import Qwen3VLForConditionalGeneration, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from egm.models import Qwen3VLAdapter

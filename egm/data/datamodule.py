@@ -31,7 +31,6 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L

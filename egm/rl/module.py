@@ -27,12 +27,10 @@ import logging
 import math
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_only
 
 from egm.generation import SamplingParams
 from egm.models.base import GroundingAdapter
@@ -41,7 +39,7 @@ from egm.reward import reward_from_texts
 from egm.rl.grpo import Agg, group_advantages, grpo_loss, sampled_token_entropy
 from egm.rl.rollout import HFEngine, Rollout, RolloutEngine, token_logprobs
 from egm.rl.vllm_engine import VLLMSettings
-from egm.sft import GroundingValidation
+from egm.sft import GroundingEvalHooks, GroundingValidation
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +48,7 @@ torch.serialization.add_safe_globals([SamplingParams, VLLMSettings])  # hparams:
 TABLE5_ROLLOUT = SamplingParams(temperature=0.7, top_p=1.0, top_k=-1, max_new_tokens=1024)
 
 
-class GRPOModule(LightningModule):
+class GRPOModule(GroundingEvalHooks, LightningModule):
     """GRPO with the grounding reward for any :class:`~egm.models.base.GroundingAdapter` model.
 
     Args:
@@ -221,7 +219,7 @@ class GRPOModule(LightningModule):
         adv = adv.to(self.device)
         clock.lap("reward")
 
-        B, P = len(ro), len(examples)
+        P = len(examples)
         mini = (h.mini_batch_size or P) * G  # responses per optimiser step
         n_steps = self.steps_per_batch(P)
         old = None if n_steps == 1 else self.score(ro)
@@ -314,30 +312,6 @@ class GRPOModule(LightningModule):
         world = self.trainer.world_size if self._trainer else 1
         total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum") if world > 1 else local
         return (total / world).clamp_min(1.0 / world)
-
-    # -- validation / test / export --------------------------------------------------------
-    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
-        self.validation.step(batch, dataloader_idx, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self.validation.epoch_end("val")
-
-    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
-        self.validation.step(batch, dataloader_idx, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self.validation.epoch_end("test")
-
-    def on_fit_end(self) -> None:
-        if self.hparams.export_dir:
-            self.export(self.hparams.export_dir)
-
-    @rank_zero_only
-    def export(self, out_dir: str | Path) -> Path:
-        """Write a Hugging Face folder (LoRA merged) that transformers and vLLM load."""
-        path = self.adapter.save_pretrained(self.model, out_dir)
-        log.info("exported Hugging Face checkpoint to %s", path)
-        return Path(path)
 
 
 def _sampling(p: SamplingParams | dict) -> SamplingParams:
