@@ -8,7 +8,6 @@ import csv
 
 import lightning as L
 import pytest
-import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
@@ -17,24 +16,15 @@ from egm.data.datamodule import GroundingDataModule, ResumableDataLoader, Weight
 from egm.data.synthetic import make_synthetic
 from egm.generation import SamplingParams
 from egm.models import Qwen3VLAdapter
-from egm.models.tiny import tiny_checkpoint
 from egm.sft import SFTModule
 
 STEPS, EVERY, KILL_AT = 10, 4, 8  # 6 batches / epoch: the kill is at epoch 1, batch 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, qwen_dir):
     root = tmp_path_factory.getbasetemp()
-    ck = tiny_checkpoint("qwen3_vl", root / "tiny")
+    ck = qwen_dir
     paths = make_synthetic(str(root / "syn_resume"), n_train=12, n_val=2, n_test=2, image_size=64)
     return ck, paths
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
 
 import egm.rl.module as rl_module
 import egm.sft as sft
@@ -19,7 +18,6 @@ from egm.data.datamodule import GroundingDataModule
 from egm.data.synthetic import make_synthetic
 from egm.generation import SamplingParams
 from egm.models import Qwen3VLAdapter
-from egm.models.tiny import tiny_checkpoint
 from egm.rl.module import GRPOModule
 from egm.scoring import Scored
 
@@ -27,18 +25,10 @@ wandb = pytest.importorskip("wandb")
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, qwen_dir):
     root = tmp_path_factory.getbasetemp()
-    ck = tiny_checkpoint("qwen3_vl", root / "tiny")
+    ck = qwen_dir
     paths = make_synthetic(str(root / "syn_wandb"), n_train=4, n_val=5, n_test=2, image_size=64)
     return ck, paths
 
