@@ -46,3 +46,38 @@ def test_evaluate_checkpoint_from_manifest(tiny_dirs, tmp_path):
     res = evaluate_checkpoint(str(ckpt), {"cocoa_val": str(man)}, str(tmp_path / "run"), family="internvl",
                               torch_dtype="float32", device="cpu", max_new_tokens=4, latency_fraction=0.5)
     assert res["splits"]["cocoa_val"]["n"] == 2 and res["n_params"] > 0 and res["model"] == ckpt.name
+
+
+def test_engine_generate_fn_over_a_rollout_engine(qwen_dir, tmp_path):
+    """The vLLM evaluation path goes through the rollout-engine interface; check it with the HF engine."""
+    import transformers
+
+    from egm.eval.hf import _count_params, engine_generate_fn
+    from egm.rl.rollout import HFEngine
+
+    adapter = Qwen3VLAdapter(str(qwen_dir))
+    model = adapter.load_model().eval()
+    exs = [{"sample": Sample(id=f"s{i}", image="x.png", width=64, height=64, sentence="the red car",
+                             task="vanilla", box=[8.0, 8.0, 40.0, 40.0], split="v", source="t"),
+            "image": Image.new("RGB", (64, 64), (30 * i, 120, 30))} for i in range(3)]
+    greedy = SamplingParams(max_new_tokens=8)
+    engine = HFEngine(adapter, model)
+    outs = engine_generate_fn(engine, greedy)(exs)
+    ro = engine.generate(exs, n=1, sampling=greedy)  # greedy: the same answers again
+    assert [o.text for o in outs] == ro.texts and [o.num_tokens for o in outs] == ro.lengths.tolist()
+    assert all(1 <= o.num_tokens <= 8 for o in outs)
+    cfg = transformers.AutoConfig.from_pretrained(qwen_dir)
+    assert _count_params(cfg) == sum(p.numel() for p in model.parameters())
+
+
+def test_vllm_engine_without_vllm_is_a_clear_error(qwen_dir, tmp_path):
+    import importlib.util
+
+    from egm.eval.hf import evaluate_checkpoint
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed")
+    with pytest.raises(ImportError, match="egm\\[gpu\\]"):
+        evaluate_checkpoint(str(qwen_dir), {}, str(tmp_path), engine="vllm", device="cpu", torch_dtype="float32")
+    with pytest.raises(ValueError, match="engine must be"):
+        evaluate_checkpoint(str(qwen_dir), {}, str(tmp_path), engine="tgi")

@@ -43,6 +43,17 @@ def hf_generate_fn(adapter: Any, model: torch.nn.Module, sampling: SamplingParam
     return generate
 
 
+def engine_generate_fn(engine: Any, sampling: SamplingParams = TABLE7_INFERENCE) -> GenerateFn:
+    """A ``generate_fn`` over a rollout engine (:class:`egm.rl.rollout.RolloutEngine`): one greedy
+    answer per example. This is how evaluation runs on vLLM (:class:`egm.rl.vllm_engine.VLLMEngine`)."""
+
+    def generate(examples: Sequence[Mapping[str, Any]]) -> list[GenerationOutput]:
+        ro = engine.generate(list(examples), n=1, sampling=sampling)
+        return [GenerationOutput(t, int(n)) for t, n in zip(ro.texts, ro.lengths.tolist())]
+
+    return generate
+
+
 def evaluate_checkpoint(
     checkpoint: str,
     manifests: dict[str, str],
@@ -56,6 +67,8 @@ def evaluate_checkpoint(
     torch_dtype: str = "bfloat16",
     device: str = "cuda",
     max_new_tokens: int = 4096,
+    engine: str = "hf",
+    vllm_gpu_memory_utilization: float = 0.85,
 ) -> dict[str, Any]:
     """Evaluate a Hugging Face checkpoint on split manifests (CLI entry point; Table 7 decoding).
 
@@ -72,6 +85,9 @@ def evaluate_checkpoint(
         torch_dtype: weights dtype.
         device: where the model runs.
         max_new_tokens: Table 7 "max length".
+        engine: ``hf`` (transformers ``generate``, any device) or ``vllm`` (GPU; ``pip install
+            'egm[gpu]'``), as the paper measured (Sec. 5.1: "all rollouts and inference ... vLLM").
+        vllm_gpu_memory_utilization: share of the GPU vLLM may use (``engine=vllm``).
     """
     from pathlib import Path
 
@@ -80,10 +96,35 @@ def evaluate_checkpoint(
 
     if family not in ADAPTERS:
         raise ValueError(f"family must be one of {sorted(ADAPTERS)}, got {family!r}")
+    if engine not in ("hf", "vllm"):
+        raise ValueError(f"engine must be 'hf' or 'vllm', got {engine!r}")
     adapter = ADAPTERS[family](checkpoint, torch_dtype=torch_dtype)
-    model = adapter.load_model().to(device).eval()
-    n_params = sum(p.numel() for p in model.parameters())
     sampling = SamplingParams(**{**vars(TABLE7_INFERENCE), "max_new_tokens": max_new_tokens})
-    return evaluate(hf_generate_fn(adapter, model, sampling), manifests, out_dir, batch_size=batch_size,
+    if engine == "vllm":
+        from transformers import AutoConfig
+
+        from egm.rl.vllm_engine import VLLMEngine
+
+        eng = VLLMEngine(adapter, gpu_memory_utilization=vllm_gpu_memory_utilization,
+                         dtype=torch_dtype if torch_dtype != "float32" else "float16", enable_sleep_mode=False)
+        generate_fn = engine_generate_fn(eng, sampling)
+        n_params = _count_params(AutoConfig.from_pretrained(checkpoint))
+    else:
+        model = adapter.load_model().to(device).eval()
+        n_params = sum(p.numel() for p in model.parameters())
+        generate_fn = hf_generate_fn(adapter, model, sampling)
+    return evaluate(generate_fn, manifests, out_dir, batch_size=batch_size,
                     latency_fraction=latency_fraction, seed=seed, num_gpus=num_gpus, parse_fn=adapter.parse,
                     model_name=model_name or Path(checkpoint.rstrip("/")).name, n_params=n_params)
+
+
+def _count_params(config: Any) -> int | None:
+    """Parameter count without loading weights (the model lives inside vLLM)."""
+    try:
+        import transformers
+
+        with torch.device("meta"):
+            model = getattr(transformers, config.architectures[0])._from_config(config)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:  # an unknown architecture only loses the #Params column
+        return None
