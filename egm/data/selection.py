@@ -64,22 +64,11 @@ def read_predictions(path: str | os.PathLike) -> dict[str, Prediction]:
     The evaluator appends record by record, so a killed evaluation may leave a partial last line
     (no trailing newline): it is ignored. ``iou: null`` (no box, image error) reads as 0.
     """
+    from egm.eval.predictions import scan_jsonl  # the evaluator's own reader of these files
+
     path = Path(path)
     out: dict[str, Prediction] = {}
-    data = path.read_text(encoding="utf-8")
-    lines = data.split("\n")
-    for n, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            if n == len(lines):  # torn last line of an interrupted writer
-                log.warning("%s:%d: ignoring a partial last line", path, n)
-                break
-            raise ManifestError(path, n, None, f"invalid JSON: {e.msg}") from None
-        if not isinstance(obj, dict):
-            raise ManifestError(path, n, None, "expected a JSON object")
+    for n, obj in scan_jsonl(path)[0]:
         pid = obj.get("id")
         if not isinstance(pid, str) or not pid:
             raise ManifestError(path, n, "id", f"must be a non-empty string, got {pid!r}")

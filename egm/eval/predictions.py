@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from egm.data.manifest import ManifestError
+
 PREDICTION_FIELDS: tuple[str, ...] = (
     "id",            # sample id
     "split",         # split name the sample was evaluated under
@@ -48,11 +50,16 @@ def _split_lines(data: bytes) -> tuple[list[tuple[int, bytes]], bytes, int]:
         start = nl + 1
 
 
-def _scan(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """Parse a JSONL file; returns records and the byte length of its valid prefix."""
+def scan_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, dict[str, Any]]], int]:
+    """Parse a JSONL file -> ``([(line_number, record), ...], byte length of its valid prefix)``.
+
+    Blank lines are skipped; a partial last line (a killed writer) is ignored; a malformed line
+    before it raises :class:`~egm.data.manifest.ManifestError` naming the file and line.
+    """
+    path = Path(path)
     data = path.read_bytes()
     lines, tail, _ = _split_lines(data)
-    records: list[dict[str, Any]] = []
+    records: list[tuple[int, dict[str, Any]]] = []
     good_end = 0
     for n, (offset, raw) in enumerate(lines, start=1):
         if not raw.strip():
@@ -61,10 +68,10 @@ def _scan(path: Path) -> tuple[list[dict[str, Any]], int]:
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno})") from None
+            raise ManifestError(path, n, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-        records.append(obj)
+            raise ManifestError(path, n, None, f"expected a JSON object, got {type(obj).__name__}")
+        records.append((n, obj))
         good_end = offset + len(raw) + 1
     if tail.strip():
         try:
@@ -72,7 +79,7 @@ def _scan(path: Path) -> tuple[list[dict[str, Any]], int]:
         except json.JSONDecodeError:
             return records, good_end  # partial last line from a kill: ignored
         if isinstance(obj, dict):
-            records.append(obj)
+            records.append((len(lines) + 1, obj))
             return records, len(data)  # complete record missing only its newline
     return records, good_end
 
@@ -82,7 +89,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    return _scan(path)[0]
+    return [r for _, r in scan_jsonl(path)[0]]
 
 
 def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -108,7 +115,8 @@ class JsonlAppender:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: list[dict[str, Any]] = []
         if self.path.exists():
-            self.records, good_end = _scan(self.path)
+            numbered, good_end = scan_jsonl(self.path)
+            self.records = [r for _, r in numbered]
             size = self.path.stat().st_size
             with open(self.path, "r+b") as fh:
                 if good_end < size:
