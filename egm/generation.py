@@ -58,7 +58,8 @@ class SamplingParams:
 
 TABLE7_INFERENCE = SamplingParams(temperature=0.0, top_p=1.0, top_k=20, max_new_tokens=4096, repetition_penalty=1.0)
 
-# Lightning checkpoints store hyper-parameters; let `torch.load(weights_only=True)` rebuild these.
+# Module hparams hold SamplingParams: let `torch.load(weights_only=True)`, the default since
+# torch 2.6, rebuild them so that `egm fit --ckpt_path last` resumes.
 import torch.serialization as _ts  # noqa: E402
 
 _ts.add_safe_globals([SamplingParams])

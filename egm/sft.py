@@ -29,10 +29,6 @@ from egm.scoring import score_texts
 
 log = logging.getLogger(__name__)
 
-# hparams hold SamplingParams: allow it in torch.load(weights_only=True), the default since torch 2.6,
-# so that `egm fit --ckpt_path last` resumes without weights_only=False
-torch.serialization.add_safe_globals([SamplingParams])
-
 
 class GroundingValidation:
     """Greedy generation + per-split grounding metrics, shared by the SFT and GRPO modules.

@@ -43,7 +43,6 @@ from egm.sft import GroundingEvalHooks, GroundingValidation
 
 log = logging.getLogger(__name__)
 
-torch.serialization.add_safe_globals([SamplingParams, VLLMSettings])  # hparams: resume with weights_only=True
 
 TABLE5_ROLLOUT = SamplingParams(temperature=0.7, top_p=1.0, top_k=-1, max_new_tokens=1024)
 

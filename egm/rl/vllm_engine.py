@@ -211,3 +211,7 @@ class VLLMSettings:
     max_model_len: int | None = 8192
     max_num_seqs: int = 256
     enforce_eager: bool = False
+
+
+# Module hparams hold this block: let `torch.load(weights_only=True)` (resume) rebuild it.
+torch.serialization.add_safe_globals([VLLMSettings])
