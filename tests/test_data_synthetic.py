@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from egm.data.manifest import read_manifest
-from egm.data.synthetic import COLOURS, DIFFICULTIES, SIZES, make_scene, make_synthetic, object_mask, resolve, sample_rng
+from egm.data.synthetic import (
+    COLOURS, DIFFICULTIES, MIN_OBJECTS, SIZES, Layout, make_scene, make_synthetic, object_mask, resolve, sample_rng,
+)
 
 N_TRAIN, N_VAL, N_TEST = 30, 50, 10
 
@@ -159,3 +161,32 @@ def test_grid_layout_centres_objects_in_cells(tmp_path):
         t = s.meta["objects"][s.meta["target"]]
         assert s.box == _bbox(object_mask(t, s.width))
         assert img.shape == (128, 128, 3)
+
+
+def test_layout_scales_objects_and_caps_their_number(tmp_path):
+    """``object_scale`` / ``max_objects`` (the CPU demo's world): sides scaled, at most
+    ``max(max_objects, MIN_OBJECTS[difficulty])`` objects, every expression still unique."""
+    paths = make_synthetic(str(tmp_path), n_train=40, n_val=10, n_test=5, seed=2, object_scale=1.6, max_objects=1)
+    cfg = json.loads((tmp_path / "synthetic_config.json").read_text())
+    assert cfg["object_scale"] == 1.6 and cfg["max_objects"] == 1 and "grid" not in cfg
+    seen = set()
+    for s in read_manifest(paths["train"]):
+        d = s.meta["difficulty"]
+        objs = s.meta["objects"]
+        assert len(objs) <= MIN_OBJECTS[d]
+        seen.add((d, len(objs)))
+        for o in objs:  # 0.20 * 1.6 * 128 = 41 px, 0.34 * 1.6 * 128 = 70 px
+            assert o["side"] == {"small": 41, "large": 70}[o["size"]]
+            assert _bbox(object_mask(o, s.width)) == o["box"]
+        assert resolve(s.meta["expression"], objs) == [s.meta["target"]]
+    assert ("plain", 1) in seen and ("relation", 3) in seen
+    # the default world is unchanged by the new knobs: no layout keys in its config
+    make_synthetic(str(tmp_path / "std"), n_train=4, n_val=5, n_test=5)
+    assert not {"object_scale", "max_objects", "grid"} & set(json.loads((tmp_path / "std" / "synthetic_config.json").read_text()))
+
+
+@pytest.mark.parametrize("kw, match", [({"object_scale": 3.0}, "object_scale"), ({"max_objects": 0}, "max_objects"),
+                                       ({"grid": -1}, "grid")])
+def test_layout_rejects_bad_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Layout(**kw)
