@@ -12,7 +12,7 @@ TORCH_PIP_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.egm-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-rl test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/egm demo
+
+demo-rl: install  # GRPO on top of `make demo`'s SFT export (at most 14 minutes)
+	$(BIN)/egm demo-rl
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -33,6 +33,7 @@ def register_tool(name: str, target: str, help: str) -> None:
 
 
 register_tool("demo", "egm.demo:demo", "the CPU demo: tiny Qwen3-VL + synthetic world, SFT, before/after table")
+register_tool("demo-rl", "egm.demo:demo_rl", "the CPU demo's GRPO stage on top of the SFT demo's export, before/after table")
 register_tool("make-tiny", "egm.models.tiny:make_tiny", "write a tiny random Qwen3-VL / InternVL checkpoint folder")
 register_tool("make-synthetic", "egm.data.synthetic:make_synthetic", "render the synthetic grounding world (images + manifests)")
 register_tool("import-refer", "egm.data.refer:import_refer", "RefCOCO/+/g (REFER layout) -> JSONL manifests")

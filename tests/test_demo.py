@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from egm.demo import demo, mean_box_baseline
+from egm.demo import demo, demo_rl, mean_box_baseline
 from egm.data.manifest import Sample
 
 
@@ -35,3 +35,11 @@ def test_demo_runs_end_to_end(tmp_path):
     for name in ("splits.md", "efficiency.md", "accuracy_vs_latency.png", "accuracy_vs_latency.svg"):
         assert (report / name).exists(), name
     assert "test_plain" in (report / "splits.md").read_text()
+
+    # the GRPO stage starts from that export and writes its own before/after table
+    rl = demo_rl(root=str(tmp_path), max_steps=2)
+    assert set(rl) == {"after SFT (start)", "after GRPO"}
+    assert rl["after SFT (start)"] == pytest.approx(rows["after SFT"])  # same checkpoint, greedy, same samples
+    text = (tmp_path / "results_rl.md").read_text()
+    assert "(2 steps)" in text and "| split | after SFT (start) | after GRPO |" in text
+    assert (tmp_path / "rl_export" / "model.safetensors").exists()

@@ -200,11 +200,13 @@ class Layout:
     ``object_scale`` multiplies the object sides of :data:`SIZES`; ``max_objects`` caps the
     objects per scene, but never below what a difficulty needs (:data:`MIN_OBJECTS`); ``grid > 0``
     centres objects in the cells of a ``grid x grid`` layout. Why the CPU demo uses large
-    objects (``object_scale=1.5, max_objects=3``): a from-scratch ViT reads an object's colour
-    off the average of its tokens at once, but its *position* only through how the object
-    changes its own tokens, a signal that scales with the object's area. Measured with the
-    1 M-parameter tiny Qwen3-VL (one object per image, lr 1e-3, batch 16): standard sizes at
-    chance on the 3x3 location after 600 steps; sides x1.6: 90 % acc@0.5 after 400 steps.
+    objects and no spare distractors (``object_scale=1.6, max_objects=1``): a from-scratch ViT
+    reads an object's colour off the average of its tokens at once, but its *position* only
+    through how the object changes its own tokens, a signal that scales with the object's area,
+    and picking one object among look-alikes needs content-selective attention on top. Measured
+    with the 1 M-parameter tiny Qwen3-VL (lr 1e-3, batch 16): one object per image at standard
+    sizes, the 3x3 location word stays at chance after 600 steps; sides x1.6, 90 % acc@0.5 after
+    400 steps; standard multi-object world, chance after 1125 steps.
     """
 
     object_scale: float = 1.0
