@@ -114,8 +114,9 @@ def demo_rl(config: str = "configs/demo_rl.yaml", root: str = "runs/demo",
     cli, before, after, fit_s = _fit_between_validations(config, root_p, max_steps=max_steps)
     splits = cli.datamodule.val_names
     rows = {"after SFT (start)": before, "after GRPO": after}
+    sizes = sorted({len(cli.datamodule.val_sets[n]) for n in splits})
     summary = (f"# EGM CPU demo: GRPO\n\nAccuracy@0.5 (%) on the synthetic validation splits "
-               f"({cli.datamodule.max_eval_samples or 'all'} samples each); GRPO took {fit_s / 60:.1f} min "
+               f"({'/'.join(map(str, sizes))} samples each); GRPO took {fit_s / 60:.1f} min "
                f"({cli.trainer.global_step} steps), in all {(time.perf_counter() - t0) / 60:.1f} min.\n\n"
                f"{_table(rows, splits)}\n")
     (root_p / "results_rl.md").write_text(summary)
