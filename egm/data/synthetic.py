@@ -206,7 +206,7 @@ class Layout:
     and picking one object among look-alikes needs content-selective attention on top. Measured
     with the 1 M-parameter tiny Qwen3-VL (lr 1e-3, batch 16): one object per image at standard
     sizes, the 3x3 location word stays at chance after 600 steps; sides x1.6, 90 % acc@0.5 after
-    400 steps; standard multi-object world, chance after 1125 steps.
+    400 steps; standard multi-object world (lr 2e-3), chance after 1125 steps.
     """
 
     object_scale: float = 1.0
