@@ -35,7 +35,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 def test_splits_and_sizes(world):
     out, paths = world
-    assert set(paths) == {"train", "val", "test"} | {f"{s}_{d}" for s in ("val", "test") for d in DIFFICULTIES}
+    assert set(paths) == {"train", "val", "test"} | {f"{s}_{d}" for s in ("train", "val", "test") for d in DIFFICULTIES}
     val = read_manifest(paths["val"])
     assert len(read_manifest(paths["train"])) == N_TRAIN and len(val) == N_VAL
     for d in DIFFICULTIES:
@@ -129,7 +129,13 @@ def test_options_and_errors(tmp_path):
     p = make_synthetic(str(tmp_path), n_train=20, n_val=4, n_test=2, difficulties=["ordinal", "amodal"],
                        amodal_fraction=1.0)
     assert {s.meta["difficulty"] for s in read_manifest(p["train"])} == {"amodal"}
-    assert set(p) == {"train", "val", "test", "val_ordinal", "val_amodal", "test_ordinal", "test_amodal"}
+    assert set(p) == {"train", "val", "test", "train_ordinal", "train_amodal", "val_ordinal", "val_amodal",
+                      "test_ordinal", "test_amodal"}
+    train = read_manifest(p["train"])
+    for d in ("ordinal", "amodal"):  # per-difficulty training manifests: the train samples of d, still "train"
+        assert [s.id for s in read_manifest(p[f"train_{d}"])] == [s.id for s in train if s.meta["difficulty"] == d]
+        assert {s.split for s in read_manifest(p[f"train_{d}"])} <= {"train"}  # (train_ordinal is empty here)
+    assert len(read_manifest(p["train_amodal"])) == 20
     with pytest.raises(ValueError, match="unknown difficulties"):
         make_synthetic(str(tmp_path / "x"), difficulties=["hard"])
     with pytest.raises(ValueError, match="amodal_fraction"):

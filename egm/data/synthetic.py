@@ -486,7 +486,7 @@ def make_synthetic(
     overwrite: bool = False,
 ) -> dict[str, str]:
     """Write the synthetic world: PNGs + manifests ``train``, ``val``, ``test`` and per difficulty
-    ``val_<d>`` / ``test_<d>``. Returns ``{split: manifest_path}``.
+    ``train_<d>`` / ``val_<d>`` / ``test_<d>``. Returns ``{split: manifest_path}``.
 
     Train difficulties are drawn per sample (``amodal_fraction`` amodal, the rest uniform over the
     vanilla ones); val/test cycle through ``difficulties`` so each per-difficulty split has
@@ -506,7 +506,7 @@ def make_synthetic(
     config = {"version": GENERATOR_VERSION, "n_train": n_train, "n_val": n_val, "n_test": n_test, "seed": seed,
               "image_size": image_size, "difficulties": list(difficulties), "amodal_fraction": amodal_fraction,
               **{k: v for k, v in asdict(layout).items() if v != getattr(Layout(), k)}}
-    names = ["train", "val", "test"] + [f"{s}_{d}" for s in ("val", "test") for d in difficulties]
+    names = ["train", "val", "test"] + [f"{s}_{d}" for s in ("train", "val", "test") for d in difficulties]
     paths = {name: str(out / f"{name}.jsonl") for name in names}
     cfg_path = out / "synthetic_config.json"
     if (not overwrite and cfg_path.is_file() and json.loads(cfg_path.read_text()) == config
@@ -521,10 +521,10 @@ def make_synthetic(
         samples = generate_split(out, split, n, seed=seed, image_size=image_size,
                                  difficulties=list(difficulties), amodal_fraction=frac, layout=layout)
         write_manifest(paths[split], samples)
-        if split != "train":
-            for d in difficulties:
-                sub = [Sample(**{**asdict(s), "split": f"{split}_{d}"}) for s in samples if s.meta["difficulty"] == d]
-                write_manifest(paths[f"{split}_{d}"], sub)
+        for d in difficulties:  # train_<d>: e.g. RL prompts of one difficulty; the samples stay "train"
+            sub = [s if split == "train" else Sample(**{**asdict(s), "split": f"{split}_{d}"})
+                   for s in samples if s.meta["difficulty"] == d]
+            write_manifest(paths[f"{split}_{d}"], sub)
     cfg_path.write_text(json.dumps(config, indent=1) + "\n")
     print(f"[make_synthetic] wrote {n_train + n_val + n_test} samples to {out} in {time.perf_counter() - t0:.1f}s")
     return paths
