@@ -84,6 +84,8 @@ def wandb_records(path):
         if kind == 0 and n == 0:  # zero padding to the block end
             pos += left - 7
             continue
+        if pos + n > len(data):  # a record the writer has not finished flushing: the tail is torn
+            break
         buf += data[pos:pos + n]
         pos += n
         if kind in (1, 4):  # FULL / LAST chunk
