@@ -345,7 +345,8 @@ def make_scene(rng: random.Random, difficulty: str, image_size: int = 128, max_a
         raise ValueError(f"unknown difficulty {difficulty!r}; expected one of {DIFFICULTIES}")
     S = image_size
     for _ in range(max_attempts):
-        objs, expr, occ = _cap(*_BUILDERS[difficulty](rng, S), max(layout.max_objects, MIN_OBJECTS[difficulty]))
+        objs, expr, occ = _BUILDERS[difficulty](rng, S)
+        objs = _cap(objs, occ, max(layout.max_objects, MIN_OBJECTS[difficulty]))
         target = objs[0]
         body = [o for o in objs if o is not occ]
         rng.shuffle(body)
@@ -378,13 +379,13 @@ def make_scene(rng: random.Random, difficulty: str, image_size: int = 128, max_a
 MIN_OBJECTS = {"plain": 1, "attribute": 2, "ordinal": 2, "relation": 3, "amodal": 2}
 
 
-def _cap(objs: list[Obj], expr: dict, occ: Obj | None, n: int) -> tuple[list[Obj], dict, Obj | None]:
+def _cap(objs: list[Obj], occ: Obj | None, n: int) -> list[Obj]:
     """At most ``n`` objects: builders list the target (and its group) first and extras last; an
     occluder is always kept. A cut that breaks the expression is caught by :func:`_valid`."""
     if len(objs) <= n:
-        return objs, expr, occ
+        return objs
     body = [o for o in objs if o is not occ][: n - (occ is not None)]
-    return body + ([occ] if occ is not None else []), expr, occ
+    return body + ([occ] if occ is not None else [])
 
 
 def _valid(objects: list[Obj], ti: int, expr: dict, S: int) -> bool:
