@@ -25,7 +25,7 @@ install: $(STAMP)
 demo: install
 	$(BIN)/egm demo
 
-demo-rl: install  # GRPO on top of `make demo`'s SFT export (at most 14 minutes)
+demo-rl: install  # GRPO on top of `make demo`'s SFT export (within 15 minutes, validations included)
 	$(BIN)/egm demo-rl
 
 test: install
