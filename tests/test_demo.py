@@ -5,7 +5,7 @@ import json
 import pytest
 
 from egm.demo import demo, demo_rl, mean_box_baseline
-from egm.data.manifest import Sample
+from egm.data.manifest import Sample, read_manifest
 
 
 def _s(box, w=100, h=100):
@@ -37,9 +37,19 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "test_plain" in (report / "splits.md").read_text()
 
     # the GRPO stage starts from that export and writes its own before/after table
-    rl = demo_rl(root=str(tmp_path), max_steps=2)
+    rl = demo_rl(root=str(tmp_path), max_steps=2, n_eval=15)
+    # the evaluation world extends the demo's validation split: its first 10 scenes are the demo's
+    demo_val = read_manifest(tmp_path / "data" / "val.jsonl")
+    eval_val = read_manifest(tmp_path / "data_eval" / "val.jsonl")
+    assert len(eval_val) == 15
+    assert [(s.id, s.sentence, s.box) for s in eval_val[:10]] == [(s.id, s.sentence, s.box) for s in demo_val]
     assert set(rl) == {"after SFT (start)", "after GRPO"}
-    assert rl["after SFT (start)"] == pytest.approx(rows["after SFT"])  # same checkpoint, greedy, same samples
     text = (tmp_path / "results_rl.md").read_text()
-    assert "(2 steps)" in text and "| split | after SFT (start) | after GRPO |" in text
+    assert "(2 steps)" in text and "| split | after SFT (start) | after GRPO | fixed | broken | p (McNemar) |" in text
+    saved = json.loads((tmp_path / "results_rl.json").read_text())
+    for split, c in saved["paired"].items():  # the flips account for the change in accuracy
+        assert c["n"] == 3
+        assert c["after"] - c["before"] == c["fixed"] - c["broken"]
+        assert c["before"] / c["n"] == pytest.approx(rl["after SFT (start)"][split])
+        assert c["after"] / c["n"] == pytest.approx(rl["after GRPO"][split])
     assert (tmp_path / "rl_export" / "model.safetensors").exists()

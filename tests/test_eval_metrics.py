@@ -6,7 +6,7 @@ import pytest
 
 from egm.boxes import iou
 from egm.eval.benchmarks import REFCOCO_SPLIT_NAMES, canonical_split, table3_columns, table4_columns
-from egm.eval.metrics import amodal_accuracy, refcoco_average, split_metrics, summarize
+from egm.eval.metrics import amodal_accuracy, paired_comparison, refcoco_average, split_metrics, summarize
 from egm.eval.predictions import read_jsonl
 
 GT = [0.0, 0.0, 10.0, 10.0]
@@ -102,3 +102,26 @@ def test_headline_accuracy_falls_back_to_labelled_macro_average():
     acc, label = headline_accuracy(full)
     assert acc == pytest.approx(0.5 + 0.05 * 3.5) and label == "RefCOCO Avg. Acc"
     assert headline_accuracy({}) == (None, "Macro Avg. Acc")
+
+
+def test_paired_comparison_counts_flips_and_exact_mcnemar_p():
+    before = {"a": True, "b": False, "c": False, "d": True, "e": False}
+    after = {"a": True, "b": True, "c": True, "d": False, "e": False}
+    c = paired_comparison(before, after)
+    assert (c.n, c.before, c.after, c.fixed, c.broken) == (5, 2, 3, 2, 1)
+    # 3 flips, min 1: 2 * (C(3,0) + C(3,1)) / 2^3 = 2 * 4/8 -> capped at 1
+    assert c.p_value == 1.0
+    # 9 fixed, 1 broken: 2 * (1 + 10) / 1024
+    b = {i: i >= 9 for i in range(20)}  # ids 9..19 right before
+    a = {i: i != 9 for i in range(20)}  # 0..8 fixed, 9 broken, 10..19 right on both sides
+    c = paired_comparison(b, a)
+    assert (c.fixed, c.broken, c.before, c.after) == (9, 1, 11, 19)
+    assert c.p_value == pytest.approx(22 / 1024, abs=1e-15)
+    # 6 fixed, 0 broken: 2 / 64
+    assert paired_comparison({i: False for i in range(6)}, {i: True for i in range(6)}).p_value == 2 / 64
+    assert paired_comparison({"x": True}, {"x": True}).p_value == 1.0  # no flips
+
+
+def test_paired_comparison_needs_the_same_samples():
+    with pytest.raises(ValueError, match="unpaired"):
+        paired_comparison({"a": True, "b": True}, {"a": True, "c": False})

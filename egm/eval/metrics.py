@@ -7,6 +7,7 @@ unparseable answer, or a sample whose image could not be read, scores IoU 0 and 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -125,3 +126,35 @@ def summarize(splits: Mapping[str, SplitMetrics | Mapping[str, Any]]) -> dict[st
         "mean_iou": sum(_get(m, "mean_iou") * _get(m, "n") for m in splits.values()) / n if n else None,
         "parse_failure_rate": sum(_get(m, "n_parse_failures") for m in splits.values()) / n if n else None,
     }
+
+
+@dataclass
+class PairedComparison:
+    """Two models scored on the same samples: how many each got right, and the flips between them."""
+
+    n: int
+    before: int  # successes of the first model
+    after: int  # successes of the second model
+    fixed: int  # wrong before, right after
+    broken: int  # right before, wrong after
+    p_value: float  # exact two-sided McNemar test (binomial on the flips)
+
+
+def paired_comparison(before: Mapping[Any, bool], after: Mapping[Any, bool]) -> PairedComparison:
+    """Compare per-sample successes of two models on the same samples (keys: sample ids).
+
+    Why paired: a few points of accuracy between two checkpoints are within the noise of either
+    accuracy alone, but most samples are scored the same by both; only the flips carry evidence.
+    Under "no difference" a flip is equally likely to go either way, so the exact McNemar p-value
+    is the two-sided binomial tail of ``min(fixed, broken)`` out of ``fixed + broken`` at 1/2.
+    """
+    if before.keys() != after.keys():
+        missing = sorted(map(str, before.keys() ^ after.keys()))
+        raise ValueError(f"paired_comparison needs the same samples on both sides; unpaired: {missing[:5]}")
+    fixed = sum(1 for k, ok in after.items() if ok and not before[k])
+    broken = sum(1 for k, ok in after.items() if before[k] and not ok)
+    flips = fixed + broken
+    tail = sum(math.comb(flips, i) for i in range(min(fixed, broken) + 1)) / 2**flips
+    return PairedComparison(n=len(before), before=sum(map(bool, before.values())),
+                            after=sum(map(bool, after.values())), fixed=fixed, broken=broken,
+                            p_value=min(1.0, 2 * tail))
