@@ -14,9 +14,10 @@ from egm import cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name, beta, gamma, top_p, top_k", [
-    ("rl_qwen3vl", 0.005, 0.0, 0.9, 50), ("rl_internvl", 0.0, 0.01, 0.7, -1), ("demo_rl", 0.0, 0.0, 0.9, 50)])
-def test_rl_config_resolves(capsys, monkeypatch, name, beta, gamma, top_p, top_k):
+@pytest.mark.parametrize("name, beta, gamma, temperature, top_p, top_k", [
+    ("rl_qwen3vl", 0.005, 0.0, 0.7, 0.9, 50), ("rl_internvl", 0.0, 0.01, 0.7, 0.7, -1),
+    ("demo_rl", 0.0, 0.0, 1.0, 0.9, 50)])  # the CPU demo explores more (see configs/demo_rl.yaml)
+def test_rl_config_resolves(capsys, monkeypatch, name, beta, gamma, temperature, top_p, top_k):
     """In-process (fast); the subprocess test below checks the real command once."""
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as e:
@@ -26,7 +27,7 @@ def test_rl_config_resolves(capsys, monkeypatch, name, beta, gamma, top_p, top_k
     m = cfg["model"]["init_args"]
     assert cfg["model"]["class_path"] == "egm.rl.module.GRPOModule"
     assert (m["beta"], m["gamma"], m["rollout"]["top_p"], m["rollout"]["top_k"]) == (beta, gamma, top_p, top_k)
-    assert m["clip_eps"] == 0.2 and m["alpha"] == 0.5 and m["rollout"]["temperature"] == 0.7
+    assert m["clip_eps"] == 0.2 and m["alpha"] == 0.5 and m["rollout"]["temperature"] == temperature
     if name != "demo_rl":
         assert m["lr"] == 3e-6 and m["warmup_steps"] == 30 and m["n_samples"] == 16
         assert m["rollout"]["max_new_tokens"] == 1024 and m["engine"] == "vllm"
