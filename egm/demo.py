@@ -150,9 +150,8 @@ def eval_world(root: Path, n_val: int) -> dict[str, str]:
     from egm.data.synthetic import make_synthetic
 
     cfg = json.loads((root / "data" / "synthetic_config.json").read_text())
-    keep = ("seed", "image_size", "difficulties", "amodal_fraction", "object_scale", "max_objects", "grid")
-    return make_synthetic(str(root / "data_eval"), n_train=0, n_val=n_val, n_test=0,
-                          **{k: cfg[k] for k in keep if k in cfg})
+    world = {k: v for k, v in cfg.items() if k not in ("version", "n_train", "n_val", "n_test")}  # seed, layout...
+    return make_synthetic(str(root / "data_eval"), n_train=0, n_val=n_val, n_test=0, **world)
 
 
 @dataclass
