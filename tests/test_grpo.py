@@ -40,8 +40,9 @@ def _ppo_ref(lp, old, a, eps=0.2):
 
 
 def _k3_ref(lp, ref):
+    """verl ``low_var_kl``: log-ratio clamped to [-20, 20], then k3 clamped to [-10, 10]."""
     x = max(-20.0, min(20.0, ref - lp))
-    return math.exp(x) - x - 1
+    return max(-10.0, min(10.0, math.exp(x) - x - 1))
 
 
 # --- advantages (Eq. 7)
@@ -150,6 +151,26 @@ def test_kl_k3_hand_computed_and_guarded():
     x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1)) * 1e-4  # float32, tiny gaps
     assert (kl_k3(x, torch.zeros_like(x)) >= 0).all()
     assert kl_k3(lp, ref, mask=t([[1, 0, 1, 0, 0, 0]], torch.bool))[0, 1].item() == 0.0
+
+
+def test_kl_k3_is_clamped_at_10_with_zero_gradient_beyond():
+    """ref - logp = 7: unclamped k3 = e^7 - 8 = 1088.63; verl's low_var_kl gives 10, gradient 0.
+
+    Below the clamp dk3/dlogp = 1 - e^(ref - logp) (x = ref - logp, dk3/dx = e^x - 1, dx/dlogp = -1).
+    """
+    assert math.exp(7) - 8 == pytest.approx(1088.633, abs=1e-3)
+    gaps = [7.0, 2.0, 0.5, -10.0, -11.5, -30.0]  # ref - logp
+    lp = torch.zeros(1, len(gaps), dtype=D, requires_grad=True)
+    kl = kl_k3(lp, t([gaps]))
+    want = [10.0, math.exp(2) - 3, math.exp(0.5) - 1.5, math.exp(-10) + 9, 10.0, 10.0]
+    torch.testing.assert_close(kl, t([want]), rtol=1e-12, atol=0)
+    kl.sum().backward()
+    want_grad = [0.0, 1 - math.exp(2), 1 - math.exp(0.5), 1 - math.exp(-10), 0.0, 0.0]
+    torch.testing.assert_close(lp.grad, t([want_grad]), rtol=1e-12, atol=0)
+    # inside grpo_loss the token-mean KL of [7, 0.5] is (10 + e^0.5 - 1.5) / 2, not ~545
+    lp2 = torch.zeros(1, 2, dtype=D)
+    _, m = grpo_loss(lp2, lp2, t([0.0]), torch.ones(1, 2, dtype=torch.bool), ref_logp=t([[7.0, 0.5]]), beta=0.005)
+    assert m["kl"].item() == pytest.approx((10 + math.exp(0.5) - 1.5) / 2, rel=1e-12)
 
 
 def test_entropy_estimators():

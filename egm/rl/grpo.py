@@ -18,7 +18,10 @@ Choices (and why)
   is 0. The optional dual clip (``dual_clip``, verl's ``clip_ratio_c = 3``) bounds the loss of
   negative-advantage tokens; off by default, so the loss is Eq. 3 exactly.
 * **KL (Eq. 5)**: the k3 estimator ``exp(ref - logp) - (ref - logp) - 1`` per token, computed as
-  ``expm1(x) - x`` for accuracy near 0 and clamped at 0 (it is >= 0 in exact arithmetic).
+  ``expm1(x) - x`` for accuracy near 0, after the ``[-20, 20]`` log-ratio clamp, then clamped to
+  ``[0, 10]`` as verl's ``kl_penalty(..., "low_var_kl")`` does (its lower bound is -10, but k3 is
+  >= 0 in exact arithmetic): one token far from the reference (``ref - logp = 7`` gives
+  ``e^7 - 8 = 1089``) then adds at most 10 and no gradient, instead of dominating the batch KL.
 * **Entropy (Eq. 6)**: two estimators. :func:`entropy_from_logits` is the exact per-token
   entropy of the full distribution -- the module's default, as verl (which the paper used)
   computes it; :func:`sampled_token_entropy` is the paper's literal ``-log pi(o_t)``, an unbiased
@@ -43,6 +46,7 @@ from torch import Tensor
 Agg = Literal["token-mean", "seq-mean-token-mean"]
 AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean")
 LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 4.9e8: finite in float32, gradient 0 beyond
+KL_CLAMP = 10.0  # verl low_var_kl: per-token k3 bounded by 10, gradient 0 beyond
 ADV_EPS = 1e-6  # verl's epsilon in compute_grpo_outcome_advantage
 
 
@@ -141,17 +145,19 @@ def clipped_surrogate(
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Eq. 5, per token: ``exp(ref - logp) - (ref - logp) - 1`` -> ``(B, T)``, always >= 0.
+    """Eq. 5, per token: ``exp(ref - logp) - (ref - logp) - 1`` -> ``(B, T)``, in ``[0, 10]``.
 
-    The k3 estimator of ``KL(pi_theta || pi_ref)`` on tokens sampled from the policy; the
-    log-ratio is clamped to ``[-20, 20]``; masked tokens give 0.
+    The k3 estimator of ``KL(pi_theta || pi_ref)`` on tokens sampled from the policy. As verl's
+    ``low_var_kl``: the log-ratio is clamped to ``[-20, 20]``, then the value to ``KL_CLAMP = 10``
+    (k3 exceeds 10 for ``ref - logp`` above ~2.61 or below ~-11); past either clamp the
+    gradient is 0. Masked tokens give 0.
     """
     logp, ref_logp = _float(logp), _float(ref_logp).detach()
     x = ref_logp - logp
     if mask is not None:
         x = torch.where(mask.bool(), x, torch.zeros_like(x))
     x = x.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    return (torch.expm1(x) - x).clamp_min(0.0)
+    return (torch.expm1(x) - x).clamp(0.0, KL_CLAMP)
 
 
 def sampled_token_entropy(logp: Tensor) -> Tensor:
