@@ -46,6 +46,8 @@ Rules
   that. A box with zero area after clipping is ``DEGENERATE``. Amodal predictions are clipped
   too, so an amodal ground truth that leaves the frame (TAO-Amodal) is matched by its in-image
   part at best.
+* **Time** is linear in the text: no pattern can backtrack (see the comment above the
+  regexes), so a 1 MB rollout of ``<`` and spaces parses in milliseconds, not minutes.
 * **Reasoning** is the text before the answer block (its fence, ``[{``, or ``<ref>``), with the
   think tags removed and whitespace stripped; with no answer, the whole text.
 """
@@ -125,23 +127,29 @@ def parse_answer(text: str, width: int, height: int, family: str = "auto") -> Pa
 # ---------------------------------------------------------------------------------------------
 # Scanning
 
-_THINK_TAG = re.compile(r"<\s*/?\s*think\s*>", re.IGNORECASE)
-_THINK_OPEN = re.compile(r"<\s*think\s*>", re.IGNORECASE)
-_THINK_CLOSE = re.compile(r"<\s*/\s*think\s*>", re.IGNORECASE)
+# Linear time on any input: a rollout is untrusted text, and one regex that backtracks
+# quadratically (``<`` + 64k spaces took 30-70 s with ``<\s*/?\s*think\s*>``, whose two
+# ``\s*`` both match the same spaces) stalls a whole GRPO reward step. So no two adjacent
+# quantifiers may match the same character, and the quantifiers are possessive (``*+``,
+# ``++``, Python >= 3.11): once a run of spaces or digits is consumed it is never re-split.
+# ``tests/test_answers.py::test_adversarial_megabyte_inputs_parse_in_linear_time`` times 1 MB
+# inputs built to trip each pattern.
+_THINK_TAG = re.compile(r"<\s*+(?:/\s*+)?think\s*+>", re.IGNORECASE)
+_THINK_OPEN = re.compile(r"<\s*+think\s*+>", re.IGNORECASE)
+_THINK_CLOSE = re.compile(r"<\s*+/\s*+think\s*+>", re.IGNORECASE)
 
-_NUM = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
-_NONFINITE = r"[+-]?(?:nan|inf(?:inity)?)"
+_NUM = r"[+-]?+(?:\d++(?:\.\d*+)?+|\.\d++)(?:[eE][+-]?+\d++)?+"
+_NONFINITE = r"[+-]?+(?:nan|inf(?:inity)?+)"
 _TOKEN = re.compile(rf"(?:{_NUM}|{_NONFINITE})", re.IGNORECASE)
-_Q = r"[\"']?"
+_Q = r"[\"']?+"
 _T = rf"{_Q}(?:{_NUM}|{_NONFINITE}){_Q}"
-# One \s* between a token and the next comma, so there is no ambiguous backtracking.
-_BARE_QUAD = re.compile(rf"\[\s*{_T}\s*,\s*{_T}\s*,\s*{_T}\s*,\s*{_T}\s*\]", re.IGNORECASE)
-_QWEN_KEY = re.compile(r"[\"']?bbox_2d[\"']?\s*:\s*")
+_BARE_QUAD = re.compile(rf"\[\s*+{_T}\s*+,\s*+{_T}\s*+,\s*+{_T}\s*+,\s*+{_T}\s*+\]", re.IGNORECASE)
+_QWEN_KEY = re.compile(r"[\"']?bbox_2d[\"']?+\s*+:\s*+")
 _BOX_OPEN = re.compile(r"<box>", re.IGNORECASE)
 _BOX_CLOSE = re.compile(r"</box>", re.IGNORECASE)
-_INNER_LIST = re.compile(r"\[([^\[\]]*)\]")
-_FENCE_TAIL = re.compile(r"```[A-Za-z]*\s*$")
-_REF_TAIL = re.compile(r"<ref>[^<]*</ref>\s*$", re.IGNORECASE)
+_INNER_LIST = re.compile(r"\[([^\[\]]*+)\]")
+_FENCE_TAIL = re.compile(r"```[A-Za-z]*+\s*+$")
+_REF_TAIL = re.compile(r"<ref>[^<]*+</ref>\s*+$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -172,10 +180,13 @@ def _json_start(answer: str, key: int) -> int:
     return _skip_back(answer, start)
 
 
+# ``[``, ``{`` and every character ``str.isspace`` accepts (all 29 lie below U+3001)
+_SKIP_BACK_CHARS = "[{" + "".join(c for c in map(chr, range(0x3001)) if c.isspace())
+
+
 def _skip_back(answer: str, start: int) -> int:
     """Move ``start`` back over whitespace, ``[``/``{`` and a code-fence opening."""
-    while start > 0 and (answer[start - 1].isspace() or answer[start - 1] in "[{"):
-        start -= 1
+    start = len(answer[:start].rstrip(_SKIP_BACK_CHARS))  # C speed: a run of 1M "{" is one call
     m = _FENCE_TAIL.search(answer, max(0, start - 32), start)
     return m.start() if m else start
 
@@ -183,19 +194,20 @@ def _skip_back(answer: str, start: int) -> int:
 def _internvl_boxes(answer: str) -> tuple[int, _Found | None]:
     """(number of boxes in all ``<box>`` tags, the first one); a tag without a list is one
     broken box, and so is a tag cut before its ``</box>`` if its list is unfinished."""
-    opens = list(_BOX_OPEN.finditer(answer))
-    count, first = 0, None
-    for k, m in enumerate(opens):
-        end = opens[k + 1].start() if k + 1 < len(opens) else len(answer)
-        close = _BOX_CLOSE.search(answer, m.end(), end)
-        content = answer[m.end() : close.start() if close else end]
-        lists = list(_INNER_LIST.finditer(content))
-        count += max(1, len(lists))
-        if k == 0:
-            ref = _REF_TAIL.search(answer, max(0, m.start() - 2000), m.start())
-            start = _skip_back(answer, ref.start() if ref else m.start())
-            first = _Found(start, m.start(), lists[0].group(1) if lists else None)
-    return count, first
+    opens = [m.span() for m in _BOX_OPEN.finditer(answer)]
+    if not opens:
+        return 0, None
+    count = 0
+    ends = [s for s, _ in opens[1:]] + [len(answer)]
+    for (_, body_start), end in zip(opens, ends):  # pos/endpos instead of slices: no copies
+        close = _BOX_CLOSE.search(answer, body_start, end) if body_start < end else None
+        count += max(1, len(_INNER_LIST.findall(answer, body_start, close.start() if close else end)))
+    tag, body_start = opens[0]
+    close = _BOX_CLOSE.search(answer, body_start, ends[0])
+    lst = _INNER_LIST.search(answer, body_start, close.start() if close else ends[0])
+    ref = _REF_TAIL.search(answer, max(0, tag - 2000), tag)
+    start = _skip_back(answer, ref.start() if ref else tag)
+    return count, _Found(start, tag, lst.group(1) if lst else None)
 
 
 def _bare_boxes(answer: str) -> tuple[int, _Found | None]:
