@@ -108,7 +108,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(_usage())
         return
     if argv[0] in TOOL_COMMANDS:
-        run_tool(argv[0], argv[1:])
+        from egm.data.manifest import ManifestError
+
+        try:
+            run_tool(argv[0], argv[1:])
+        except ManifestError as e:  # bad input data: one line naming file, record and field
+            print(f"egm {argv[0]}: error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
         return
     if argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
         print(f"egm: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)

@@ -127,3 +127,45 @@ def test_embedded_sizes_match_fixture():
     assert ref["refs"][0] == REF0
     inst = json.loads((FIXTURES / "refer_instances_sample.json").read_text())
     assert inst["images"][0] == IMAGE_98304 and inst["annotations"][0] == ANN_3007
+
+
+def _write_instances(tmp_path, mutate):
+    write_refer(tmp_path)
+    path = tmp_path / "refcoco" / "instances.json"
+    inst = json.loads(path.read_text())
+    mutate(inst)
+    path.write_text(json.dumps(inst))
+    return path
+
+
+@pytest.mark.parametrize(
+    "mutate, where, field, msg",
+    [
+        (lambda d: d["annotations"][1].__setitem__("bbox", [float("nan"), 299.99, 134.22, 177.42]),
+         "instances.json: field 'bbox': annotation 1719310 \\(of ref_id 0\\)", "bbox", "4 finite numbers"),
+        (lambda d: d["annotations"][1].__setitem__("bbox", [103.93, 299.99, 1e6, 177.42]),
+         r"refs\(unc\).p: field 'box': ref #0 \(ref_id 0\) sentence 0", "box", "lies outside the 427x640 image"),
+        (lambda d: d["images"][1].__setitem__("height", -640),
+         r"instances.json: field 'height': image #1 \(id 581857\)", "height", "must be an integer"),
+    ],
+)
+def test_bad_instances_name_file_record_and_field(tmp_path, mutate, where, field, msg):
+    _write_instances(tmp_path, mutate)
+    with pytest.raises(ManifestError, match=rf"{where}: .*{msg}") as e:
+        load_refer(tmp_path, "refcoco", "unc")
+    assert e.value.field == field
+
+
+def test_empty_sentence_names_the_ref(tmp_path):
+    bad = {**REF0, "sentences": [{**REF0["sentences"][0], "sent": ""}]}
+    write_refer(tmp_path, refs=(bad,))
+    with pytest.raises(ManifestError, match=r"field 'sentence': ref #0 \(ref_id 0\) sentence 0: must be a non-empty"):
+        load_refer(tmp_path, "refcoco", "unc")
+
+
+def test_instances_with_bad_bytes_name_file_and_line(tmp_path):
+    write_refer(tmp_path)
+    path = tmp_path / "refcoco" / "instances.json"
+    path.write_bytes(b'{"images": [\n\n\x80]}')
+    with pytest.raises(ManifestError, match=r"instances.json:3: not UTF-8: byte 0x80 at column 1"):
+        load_refer(tmp_path, "refcoco", "unc")

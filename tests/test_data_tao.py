@@ -81,3 +81,40 @@ def test_import_roundtrip(tmp_path):
     assert counts["kept"] == 3
     ss = read_manifest(tmp_path / "m.jsonl")
     assert ss[0].meta["amodal_box_unclipped"] == [-30, 100, 50, 300] and ss[0].split == "tao_amodal_val"
+
+
+@pytest.mark.parametrize(
+    "key, value, field, msg",
+    [
+        ("amodal_bbox", [float("nan"), 100, 80, 200], "amodal_bbox", "value 0 must be a finite number, got nan"),
+        ("amodal_bbox", [0, 100, 10**400, 200], "amodal_bbox", "value 2 must be a finite number"),
+        ("amodal_bbox", [-5000, -5000, 95000, 5050], "amodal_bbox", "leaves the 1280x720 image by more than 1x"),
+        ("amodal_bbox", [0, 100, -80, 200], "amodal_bbox", "negative width or height"),
+        ("amodal_bbox", None, "amodal_bbox", "missing"),
+        ("bbox", [0, "100", 50, 200], "bbox", "value 1 must be a finite number, got '100'"),
+        ("visibility", 2.0, "visibility", r"must be a number in \[0, 1\], got 2.0"),
+        ("visibility", float("nan"), "visibility", "must be a number in"),
+        ("bbox", [1000, 600, 50, 50], "visible_box", "does not overlap box"),
+    ],
+)
+def test_bad_annotation_names_file_id_and_field(key, value, field, msg):
+    data = tao_json()
+    data["annotations"][0][key] = value
+    with pytest.raises(ManifestError, match=rf"^t\.json: field '{field}': annotation #0 \(id 1\): .*{msg}") as e:
+        tao_amodal_samples(data, image_dir="i", split="s", path="t.json")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("field, value", [("height", -720), ("width", 10**400), ("width", "1280")])
+def test_bad_image_size_names_the_image(field, value):
+    data = tao_json()
+    data["images"][0][field] = value
+    with pytest.raises(ManifestError, match=rf"t\.json: field '{field}': image #0 \(id 10\): must be an integer"):
+        tao_amodal_samples(data, image_dir="i", split="s", path="t.json")
+
+
+def test_import_reads_a_bad_file_with_its_line(tmp_path):
+    p = tmp_path / "t.json"
+    p.write_text('{"images": [],\n"annotations": [' + "[" * 100_000)
+    with pytest.raises(ManifestError, match=r"t\.json: invalid JSON: nested too deeply"):
+        import_tao_amodal(str(p), "/img", str(tmp_path / "m.jsonl"))

@@ -18,15 +18,13 @@ importer at a pickle from an unknown source.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from egm.boxes import xywh_to_xyxy
-from egm.data.manifest import ManifestError, Sample, write_manifest
+from egm.data.manifest import ManifestError, Sample, finite_number, images_by_id, read_json, write_manifest
 
 # The eight standard eval splits of paper Table 3 with their real sizes
 # (tensorflow_datasets refcoco card; refs(unc).p conversion scripts; Ref-L4 totals).
@@ -71,14 +69,17 @@ def refer_samples(
     image_dir: str | os.PathLike,
     refs_path: str | os.PathLike | None = None,
     splits: list[str] | None = None,
+    instances_path: str | os.PathLike | None = None,
 ) -> list[Sample]:
     """Turn REFER refs + COCO instances into samples, one per sentence.
 
     ``splits`` keeps only refs whose ``split`` is listed (e.g. ``["val", "testA"]``).
     A ref whose annotation, image or category is missing raises :class:`ManifestError` naming
     ``refs_path`` and the ref (such a file is not the official release, so failing is right).
+    Every image size and box is checked first (:func:`~egm.data.manifest.images_by_id`; a box
+    is 4 finite numbers inside its image), and each sample passes the manifest checks.
     """
-    images = {im["id"]: im for im in instances.get("images", [])}
+    images = images_by_id(instances, instances_path)
     anns = {a["id"]: a for a in instances.get("annotations", [])}
     cats = {c["id"]: c["name"] for c in instances.get("categories", [])}
     out: list[Sample] = []
@@ -98,15 +99,23 @@ def refer_samples(
         cat_id = ann.get("category_id", ref.get("category_id"))
         if cat_id not in cats:
             raise err("category_id", f"category {cat_id} not in instances.json")
-        box = list(xywh_to_xyxy(ann["bbox"]))
-        for sent in ref["sentences"]:
+        bbox = ann.get("bbox")
+        xs = [finite_number(v) for v in bbox] if isinstance(bbox, (list, tuple)) and len(bbox) == 4 else None
+        if xs is None or None in xs or xs[2] <= 0 or xs[3] <= 0:
+            raise ManifestError(instances_path, None, "bbox", f"must be [x, y, w, h]: 4 finite numbers, w and h > 0, "
+                                f"got {bbox!r:.60}", f"annotation {ref['ann_id']!r:.40} (of ref_id {ref.get('ref_id')!r:.40})")
+        box = [xs[0], xs[1], xs[0] + xs[2], xs[1] + xs[3]]
+        sentences = ref.get("sentences")
+        if not isinstance(sentences, list) or not all(isinstance(x, dict) and "sent_id" in x for x in sentences):
+            raise err("sentences", "must be a list of {sent_id, sent} objects")
+        for sent in sentences:
             out.append(
-                Sample(
+                Sample.from_json(dict(
                     id=f"{dataset}_{split_by}_{sent['sent_id']}",
                     image=str(Path(image_dir) / im["file_name"]),
-                    width=int(im["width"]),
-                    height=int(im["height"]),
-                    sentence=sent["sent"],
+                    width=im["width"],
+                    height=im["height"],
+                    sentence=sent.get("sent"),
                     task="vanilla",
                     box=box,
                     split=f"{dataset}_{split_by}_{ref['split']}",
@@ -118,7 +127,7 @@ def refer_samples(
                         "image_id": ref["image_id"],
                         "sent_id": sent["sent_id"],
                     },
-                )
+                ), path=refs_path, record=f"ref #{i} (ref_id {ref.get('ref_id')!r:.40}) sentence {sent['sent_id']!r:.40}")
             )
     return out
 
@@ -142,11 +151,9 @@ def load_refer(
             raise FileNotFoundError(f"REFER file not found: {p}")
     if image_dir is None:
         image_dir = root / "images" / "mscoco" / "images" / "train2014"
-    with open(inst_path, encoding="utf-8") as fh:
-        instances = json.load(fh)
     return refer_samples(
-        load_refs(refs_path), instances, dataset=dataset, split_by=split_by,
-        image_dir=image_dir, refs_path=refs_path, splits=splits,
+        load_refs(refs_path), read_json(inst_path), dataset=dataset, split_by=split_by,
+        image_dir=image_dir, refs_path=refs_path, splits=splits, instances_path=inst_path,
     )
 
 
