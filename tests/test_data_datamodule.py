@@ -109,6 +109,28 @@ def test_missing_and_bad_images(world, tmp_path):
         GroundingDataModule(val={"v": str(bad)}).setup("validate")
 
 
+def test_truncated_image_is_caught_at_setup(world, tmp_path):
+    """A PNG cut in half has a valid header: only a full decode at set-up finds it (before, the
+    first batch died with ``OSError: image file is truncated``)."""
+    _, paths = world
+    samples = read_manifest(paths["val"])
+    data = open(samples[2].image, "rb").read()
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(data[: len(data) // 2])
+    with Image.open(cut) as im:
+        assert im.size == (samples[2].width, samples[2].height)  # the header alone looks fine
+    samples[2].image = str(cut)
+    bad = tmp_path / "trunc.jsonl"
+    write_manifest(bad, samples)
+    with pytest.raises(FileNotFoundError, match=rf"{bad}:3: sample '{samples[2].id}': image {cut}: unreadable "
+                                                r"\(OSError: .*truncated"):
+        GroundingDataModule(val={"v": str(bad)}).setup("validate")
+    dm = GroundingDataModule(val={"v": str(bad)}, skip_bad_images=True)
+    dm.setup("validate")
+    assert dm.skipped == {"v": 1} and str(cut) not in {s.image for s in dm.val_sets["v"].samples}
+    assert len([ex for batch in dm.val_dataloader()[0] for ex in batch]) == len(samples) - 1  # every batch loads
+
+
 def test_named_eval_loaders_and_limits(world):
     _, paths = world
     dm = GroundingDataModule(val={"val_plain": paths["val_plain"], "val_amodal": paths["val_amodal"]},

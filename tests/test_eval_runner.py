@@ -157,6 +157,27 @@ def test_resume_after_kill_skips_finished_ids(tmp_path, data):
     assert fourth.calls == []  # latency records resume too
 
 
+def test_rerun_retries_image_errors(tmp_path, data):
+    """An image restored after a run is evaluated on the rerun, replacing its image_error record
+    (before, the failure stayed in the predictions and the metrics forever)."""
+    out = tmp_path / "run"
+    first = evaluate(FakeModel(), data, out, batch_size=4, parse_fn=parse, latency_fraction=0)
+    assert first["splits"]["refcoco_unc_val"]["n_image_failures"] == 2
+    Image.new("RGB", (64, 48)).save(tmp_path / "missing.png")  # restore one of the two images
+    again = FakeModel()
+    res = evaluate(again, data, out, batch_size=4, parse_fn=parse, latency_fraction=0)
+    assert again.calls == [["refcoco_unc_val-7"]]  # only the restored one reaches the model
+    val = res["splits"]["refcoco_unc_val"]
+    assert val["n"] == 30 and val["n_image_failures"] == 1
+    assert val["accuracy"] == pytest.approx(expected_val_acc() + 1 / 30)  # 7 % 5 == 2: a success
+    recs = read_jsonl(out / "predictions" / "refcoco_unc_val.jsonl")
+    assert sorted(r["id"] for r in recs) == sorted(s.id for s in data["refcoco_unc_val"])  # one record per id
+    by_id = {r["id"]: r for r in recs}
+    assert by_id["refcoco_unc_val-7"]["failure"] is None and by_id["refcoco_unc_val-7"]["success"]
+    assert by_id["refcoco_unc_val-8"]["failure"] == "image_error"
+    assert not (out / "predictions" / "refcoco_unc_val.jsonl.tmp").exists()
+
+
 def test_default_parser_and_raising_parser(tmp_path, data):
     """The default parse_fn is egm.answers.parse_answer (0-1000 relative boxes); a raising parser is a failure."""
     from egm.boxes import to_rel1000

@@ -13,9 +13,14 @@ differ only in the collator, which belongs to the model adapter (``egm/models/*`
 * **val / test**: named manifests, one dataloader each, in the order given; ``val_names`` /
   ``test_names`` map Lightning's ``dataloader_idx`` back to the split name for per-split metrics.
 * **images** are opened lazily in ``__getitem__`` (in the workers). At ``setup`` every distinct
-  image is checked up front (exists, readable header, size equals the manifest's width/height):
-  a bad one raises naming manifest, line, sample id and path, or with ``skip_bad_images`` its
-  samples are dropped and counted in ``skipped``.
+  image is checked up front (exists, size equals the manifest's width/height, and every pixel
+  decodes: :func:`check_image`), in :data:`IMAGE_CHECK_THREADS` threads (PIL's decoders release
+  the GIL): a bad one raises naming manifest, line, sample id and path, or with
+  ``skip_bad_images`` its samples are dropped and counted in ``skipped``. A header-only check
+  once let truncated files through, to fail the first training batch with ``image file is
+  truncated``. Cost, measured on 640x480 JPEGs: about 3.5 ms per image on one core against
+  0.06 ms for the header (about 60 s for RefCOCO's 17k train images on one core, less with
+  free cores).
 
 Collator hook (kept deliberately small): the default collate returns the list of example dicts
 unchanged. If the attached LightningModule defines ``collate_fn(stage) -> callable`` (stage in
@@ -30,6 +35,7 @@ import itertools
 import math
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -205,17 +211,26 @@ def _line_of(manifest: str | os.PathLike, sample_id: str) -> int | None:
     return None
 
 
+#: Threads of the set-up image check (decoding dominates and releases the GIL).
+IMAGE_CHECK_THREADS = min(8, os.cpu_count() or 1)
+
+
 def check_image(path: str, width: int, height: int) -> str | None:
-    """Why an image cannot be used (missing, unreadable, wrong size), or None if fine."""
+    """Why an image cannot be used (missing, wrong size, not fully decodable), or None if fine.
+
+    Decodes every pixel (``Image.load``), so a truncated or corrupt file is caught here, at
+    set-up, rather than by the first batch that draws it.
+    """
     if not os.path.isfile(path):
         return "file not found"
     try:
         with Image.open(path) as im:
             size = im.size
-    except OSError as e:
-        return f"unreadable ({e})"
-    if size != (width, height):
-        return f"size {size[0]}x{size[1]} differs from the manifest's {width}x{height}"
+            if size != (width, height):
+                return f"size {size[0]}x{size[1]} differs from the manifest's {width}x{height}"
+            im.load()
+    except Exception as e:  # OSError (truncated, unidentified), DecompressionBombError, SyntaxError, ...
+        return f"unreadable ({type(e).__name__}: {e})"
     return None
 
 
@@ -235,7 +250,7 @@ class GroundingDataModule(L.LightningDataModule):
         max_eval_samples: keep the first N samples of each val/test split.
         seed: seed of the mixing / shuffling (with the epoch).
         skip_bad_images: drop samples whose image is missing/unreadable instead of raising.
-        check_images: check every image header at setup (disable only for trusted data).
+        check_images: fully decode every image at setup (disable only for trusted data).
         tasks: keep only these tasks (``vanilla``/``amodal``); None keeps all.
     """
 
@@ -297,10 +312,12 @@ class GroundingDataModule(L.LightningDataModule):
         if limit is not None:
             samples = samples[:limit]
         if self.check_images:
+            todo = {s.image: s for s in samples if s.image not in self._image_status}  # first sample's size
+            with ThreadPoolExecutor(IMAGE_CHECK_THREADS, thread_name_prefix="image-check") as pool:
+                found = pool.map(lambda s: check_image(s.image, s.width, s.height), todo.values())
+                self._image_status.update(zip(todo, found))
             good = []
             for s in samples:
-                if s.image not in self._image_status:
-                    self._image_status[s.image] = check_image(s.image, s.width, s.height)
                 why = self._image_status[s.image]
                 if why is None:
                     good.append(s)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -106,17 +106,28 @@ class JsonlAppender:
     On open the file is scanned, a partial last line is truncated away (and a complete last record
     missing its newline gets one), so that new records always start on a fresh line.
 
+    ``retry(record) -> bool`` marks records to be asked again (the evaluator passes
+    :func:`is_image_error`: an image that was missing may have been restored since). Those are
+    removed on open by rewriting the file without them (temp file, fsync, rename: a kill leaves
+    the old or the new file, never a mix), so every id still has exactly one record.
+
     >>> with JsonlAppender(path) as w:          # doctest: +SKIP
     ...     if "a1" not in w.done_ids: w.append({"id": "a1", ...})
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, retry: Callable[[dict[str, Any]], bool] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: list[dict[str, Any]] = []
+        self.retried = 0  # records dropped on open by ``retry``
         if self.path.exists():
             numbered, good_end = scan_jsonl(self.path)
             self.records = [r for _, r in numbered]
+            if retry is not None and any(retry(r) for r in self.records):
+                keep = [r for r in self.records if not retry(r)]
+                self.retried = len(self.records) - len(keep)
+                _rewrite(self.path, keep)
+                self.records, good_end = keep, self.path.stat().st_size
             size = self.path.stat().st_size
             with open(self.path, "r+b") as fh:
                 if good_end < size:
@@ -145,3 +156,17 @@ class JsonlAppender:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def is_image_error(record: Mapping[str, Any]) -> bool:
+    """A record written because the sample's image could not be read (retried on a rerun)."""
+    return record.get("failure") == "image_error"
+
+
+def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

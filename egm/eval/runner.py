@@ -17,7 +17,9 @@ Output layout under ``out_dir``::
 
 A rerun with the same ``out_dir`` skips every id already recorded, so a killed evaluation
 continues where it stopped. Samples whose image is missing or corrupt are recorded as failures
-(``failure="image_error"``) and never reach the generator.
+(``failure="image_error"``) and never reach the generator; a rerun asks for them again (the
+image may have been restored), replacing their record, so a fixed image is never counted as a
+failure forever.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from egm.data.manifest import Sample, read_manifest
 from egm.eval.benchmarks import canonical_split, refcoco_splits_in
 from egm.eval.latency import Clock, latency_stats, latency_subset, timed_call
 from egm.eval.metrics import split_metrics, summarize
-from egm.eval.predictions import JsonlAppender
+from egm.eval.predictions import JsonlAppender, is_image_error
 from egm.scoring import score_answer
 
 log = logging.getLogger(__name__)
@@ -153,9 +155,10 @@ def predict_split(
     """Append one prediction record per sample not yet in ``path``; returns all records of the split."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    with JsonlAppender(path) as store:
+    with JsonlAppender(path, retry=is_image_error) as store:
         todo = [s for s in samples if s.id not in store.done_ids]
-        log.info("%s: %d done, %d to go", split, len(samples) - len(todo), len(todo))
+        log.info("%s: %d done, %d to go (%d image errors retried)", split, len(samples) - len(todo), len(todo),
+                 store.retried)
         for start in range(0, len(todo), batch_size):
             ok, failed = _load_batch(todo[start:start + batch_size], loader)
             for s, err in failed:
