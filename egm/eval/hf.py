@@ -69,6 +69,7 @@ def evaluate_checkpoint(
     max_new_tokens: int = 4096,
     engine: str = "hf",
     vllm_gpu_memory_utilization: float = 0.85,
+    vllm_enforce_eager: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a Hugging Face checkpoint on split manifests (CLI entry point; Table 7 decoding).
 
@@ -85,9 +86,11 @@ def evaluate_checkpoint(
         torch_dtype: weights dtype.
         device: where the model runs.
         max_new_tokens: Table 7 "max length".
-        engine: ``hf`` (transformers ``generate``, any device) or ``vllm`` (GPU; ``pip install
-            'egm[gpu]'``), as the paper measured (Sec. 5.1: "all rollouts and inference ... vLLM").
+        engine: ``hf`` (transformers ``generate``, any device) or ``vllm`` (``pip install 'egm[gpu]'``
+            on GPUs; vLLM's CPU build in ``make test``'s venv), as the paper measured (Sec. 5.1: "all
+            rollouts and inference ... vLLM").
         vllm_gpu_memory_utilization: share of the GPU vLLM may use (``engine=vllm``).
+        vllm_enforce_eager: no CUDA graphs / compilation (faster start; ``engine=vllm``).
     """
     from pathlib import Path
 
@@ -105,8 +108,10 @@ def evaluate_checkpoint(
 
         from egm.rl.vllm_engine import VLLMEngine
 
-        eng = VLLMEngine(adapter, gpu_memory_utilization=vllm_gpu_memory_utilization,
-                         dtype=torch_dtype if torch_dtype != "float32" else "float16", enable_sleep_mode=False)
+        # vLLM picks its own platform (CUDA, or the CPU build): `device` does not apply; the model
+        # runs in `torch_dtype` as with HF, and at the checkpoint's own context length.
+        eng = VLLMEngine(adapter, gpu_memory_utilization=vllm_gpu_memory_utilization, dtype=torch_dtype,
+                         enable_sleep_mode=False, max_model_len=None, enforce_eager=vllm_enforce_eager)
         generate_fn = engine_generate_fn(eng, sampling)
         n_params = _count_params(AutoConfig.from_pretrained(checkpoint))
     else:

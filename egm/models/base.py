@@ -185,6 +185,12 @@ class GroundingAdapter:
             raise ValueError("an example needs a loaded PIL image under 'image'")
         return out
 
+    def chat_inputs(self, ex: Mapping[str, Any]) -> tuple[str, Any]:
+        """``(chat prompt text, PIL image)`` of one example: what an engine with its own processor
+        (vLLM) needs to build exactly the prompt :meth:`collate_generate` builds."""
+        f = self._fields(ex)
+        return self.chat_prompt(self.prompt(f["sentence"], f.get("task", "vanilla"))), f["image"]
+
     def _target(self, f: Mapping[str, Any]) -> str:
         if f.get("target") is not None:
             return f["target"]
@@ -226,8 +232,6 @@ class GroundingAdapter:
             else:  # image tensors: concatenated along their first axis
                 out[key] = torch.cat(rows, dim=0)
         return out
-
-    _batch = pad_batch  # early name, used by egm.rl.rollout
 
     def collate_train(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Right-padded batch; ``labels`` = input ids on target + end-of-turn tokens, else -100."""

@@ -225,13 +225,25 @@ def _processor(family: str, tok, image_size: int, max_pixels: int):
 
         ip = Qwen2VLImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": max_pixels},
                                       patch_size=16, merge_size=2, temporal_patch_size=2)
-        return video_free(Qwen3VLProcessor)(image_processor=ip, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE)
+        return video_free(Qwen3VLProcessor)(image_processor=ip, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE,
+                                            **_video_processor(family, image_size, max_pixels))
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     ip = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=True,
                                   min_patches=1, max_patches=1)
     return video_free(InternVLProcessor)(image_processor=ip, tokenizer=tok, image_seq_length=16,
-                                         chat_template=INTERNVL_CHAT_TEMPLATE)
+                                         chat_template=INTERNVL_CHAT_TEMPLATE,
+                                         **_video_processor(family, image_size, max_pixels))
+
+
+def _video_processor(family: str, image_size: int, max_pixels: int) -> dict[str, Any]:
+    """``{"video_processor": ...}`` where torchvision imports (the processors then require one), else ``{}``."""
+    import transformers
+
+    if not transformers.utils.is_torchvision_available():
+        return {}
+    cfg = _video_config(family, image_size, max_pixels)
+    return {"video_processor": getattr(transformers, cfg.pop("video_processor_type"))(**cfg)}
 
 
 def _video_config(family: str, image_size: int, max_pixels: int) -> dict[str, Any]:

@@ -76,7 +76,7 @@ class Rollout:
         """
         idx = torch.arange(len(self)) if idx is None else torch.as_tensor(idx, dtype=torch.long)
         pidx = self.prompt_index[idx].tolist()
-        prompts = adapter._batch([self.prompt_encodings[j] for j in pidx], "left")
+        prompts = adapter.pad_batch([self.prompt_encodings[j] for j in pidx], "left")
         t = max(int(self.lengths[idx].max()), 1) if len(idx) else 1
         comp, mask = self.completion_ids[idx, :t], self.completion_mask[idx, :t]
         inputs = adapter.with_completion(prompts, comp, mask)
@@ -172,7 +172,7 @@ class HFEngine(RolloutEngine):
         try:
             with _seeded(seed, device):
                 for s in range(0, len(order), step):
-                    batch = ad._batch([encs[j] for j in order[s:s + step]], "left")
+                    batch = ad.pad_batch([encs[j] for j in order[s:s + step]], "left")
                     batch = {k: v.to(device) for k, v in batch.items()}
                     out = model.generate(**batch, **sampling.hf_generate_kwargs(), pad_token_id=ad.pad_token_id,
                                          suppress_tokens=sorted(forbidden) or None)
