@@ -58,6 +58,14 @@ class SamplingParams:
 
 TABLE7_INFERENCE = SamplingParams(temperature=0.0, top_p=1.0, top_k=20, max_new_tokens=4096, repetition_penalty=1.0)
 
+# Table 5 (rollout parameters), one column per model family, keyed by ``GroundingAdapter.family``:
+# the single source of the GRPO rollout defaults (GRPOModule falls back to it, the configs are
+# tested against it). max_new_tokens is Table 5's max_response_length.
+TABLE5_ROLLOUT: dict[str, SamplingParams] = {
+    "qwen3_vl": SamplingParams(temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=1024),
+    "internvl": SamplingParams(temperature=0.7, top_p=0.7, top_k=-1, max_new_tokens=1024),
+}
+
 # Module hparams hold SamplingParams: let `torch.load(weights_only=True)`, the default since
 # torch 2.6, rebuild them so that `egm fit --ckpt_path last` resumes.
 import torch.serialization as _ts  # noqa: E402

@@ -13,9 +13,11 @@ from egm.rl.grpo import (
     clipped_surrogate,
     entropy_from_logits,
     group_advantages,
+    group_has_spread,
     grpo_loss,
     kl_k3,
     sampled_token_entropy,
+    select_groups,
 )
 
 D = torch.float64
@@ -310,3 +312,29 @@ def test_bf16_inputs_are_upcast():
     loss.backward()
     assert loss.dtype == torch.float32 and lp.grad.dtype == torch.bfloat16
     assert loss.item() == pytest.approx(0.0, abs=1e-7)
+
+
+# --- DAPO dynamic sampling: the group filter
+
+
+def test_group_has_spread_flags_groups_with_equal_rewards():
+    # G = 3: [0.5, 0.5, 0.5] and [1, 1, 1] have no spread; a 1e-12 difference counts as spread
+    r = t([0.5, 0.5, 0.5, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.2, 0.2, 0.2 + 1e-12])
+    assert group_has_spread(r, 3).tolist() == [False, True, False, True]
+    assert group_has_spread(r.view(4, 3), 3).tolist() == [False, True, False, True]
+    with pytest.raises(ValueError):
+        group_has_spread(r, 5)
+
+
+def test_select_groups_prefers_spread_in_draw_order_and_pads_when_short():
+    # batch of 4 (candidates 0-3) + refills 4-7; spread at 1, 3, 4, 6, 7
+    spread = torch.tensor([False, True, False, True, True, False, True, True])
+    sel = select_groups(spread, 4)
+    assert sel.index.tolist() == [1, 3, 4, 6]
+    assert (sel.dropped, sel.padded, sel.surplus) == (3, 0, 1)  # groups 0, 2, 5 dropped; 7 not needed
+    # only 2 of 5 candidates have spread: keep both, complete with the first zero-spread groups
+    sel = select_groups(torch.tensor([False, True, False, False, True]), 4)
+    assert sel.index.tolist() == [0, 1, 2, 4]
+    assert (sel.dropped, sel.padded, sel.surplus) == (1, 2, 0)
+    with pytest.raises(ValueError):
+        select_groups(torch.tensor([True]), 2)

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from egm import cli
+from egm.generation import TABLE5_ROLLOUT, SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +34,16 @@ def test_rl_config_resolves(capsys, monkeypatch, name, beta, gamma, temperature,
         assert m["rollout"]["max_new_tokens"] == 1024 and m["engine"] == "vllm"
         assert cfg["trainer"]["max_epochs"] == 5 and cfg["trainer"]["devices"] == 8
         assert cfg["data"]["init_args"]["batch_size"] * cfg["trainer"]["devices"] == 256
+        # the family's Table 5 column is the source of truth for the rollout block
+        family = {"egm.models.Qwen3VLAdapter": "qwen3_vl", "egm.models.InternVLAdapter": "internvl"}[
+            m["adapter"]["class_path"]]
+        assert SamplingParams(**m["rollout"]) == TABLE5_ROLLOUT[family]
+        # verl's ppo_mini_batch_size (256 prompts, all GPUs) = the batch: one optimiser step per rollout batch
+        assert m["mini_batch_size"] * cfg["trainer"]["devices"] == 256 and m["ppo_epochs"] == 1
+        # verl numerics: AdamW weight decay 0.01, fp32 master weights with bf16 compute, its LR schedule
+        assert m["weight_decay"] == 0.01 and m["lr_schedule"] == "verl"
+        assert cfg["trainer"]["precision"] == "bf16-mixed" and m["adapter"]["init_args"]["torch_dtype"] == "float32"
+        assert m["dynamic_sampling"] is False  # DAPO is not the paper's recipe
 
 
 def test_egm_fit_print_config_command():

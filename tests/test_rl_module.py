@@ -88,3 +88,88 @@ def test_identical_policies_give_ratio_one_and_loss_minus_mean_advantage(world, 
     assert abs(first["ppo_kl"]) < 1e-5
     assert first["loss"] == pytest.approx(float(expected), abs=1e-5)
     assert s["optimizer_steps"] == 2
+
+
+# --- fidelity fixes (issue 15 item 4): rollout defaults, dropout, verl LR schedule, DAPO sampling
+
+
+def test_rollout_defaults_to_the_family_table5_column_with_a_warning(qwen_dir):
+    from egm.generation import TABLE5_ROLLOUT
+    from egm.models import InternVLAdapter
+
+    with pytest.warns(UserWarning, match="model.rollout is not set"):
+        m = GRPOModule(Qwen3VLAdapter(str(qwen_dir)))
+    assert (m.rollout.temperature, m.rollout.top_p, m.rollout.top_k, m.rollout.max_new_tokens) == (0.7, 0.9, 50, 1024)
+    assert m.hparams.rollout == m.rollout and m.rollout is not TABLE5_ROLLOUT["qwen3_vl"]
+    with pytest.warns(UserWarning):
+        m = GRPOModule(InternVLAdapter("unused-path"))  # the adapter loads nothing until configure_model
+    assert (m.rollout.top_p, m.rollout.top_k) == (0.7, -1)
+    bare = Qwen3VLAdapter(str(qwen_dir))
+    bare.family = "other"
+    with pytest.raises(ValueError, match="no rollout column"):
+        GRPOModule(bare)
+
+
+def test_attention_dropout_is_zeroed_so_train_mode_forwards_agree(qwen_dir, tmp_path):
+    """A checkpoint whose config has attention_dropout 0.5: HF attention reads the float, not nn.Dropout."""
+    import json
+    import shutil
+
+    ck = tmp_path / "dropout_ckpt"
+    shutil.copytree(qwen_dir, ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["text_config"]["attention_dropout"] = 0.5
+    (ck / "config.json").write_text(json.dumps(cfg))
+    ids = torch.randint(10, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def two_forwards(model):
+        model.train()
+        with torch.no_grad():
+            return [torch.log_softmax(model(input_ids=ids).logits.double(), -1) for _ in range(2)]
+
+    raw = Qwen3VLAdapter(str(ck)).load_model()  # as loaded: the stochastic attention is really on
+    a, b = two_forwards(raw)
+    assert not torch.equal(a, b)
+    m = GRPOModule(Qwen3VLAdapter(str(ck)), rollout=ROLLOUT)
+    m.configure_model()
+    assert m.model.config.text_config.attention_dropout == 0.0
+    assert all(getattr(mod, "attention_dropout", 0.0) == 0.0 for mod in m.model.modules())
+    a, b = two_forwards(m.model)
+    assert torch.equal(a, b)
+
+
+def test_verl_lr_schedule_trains_the_first_rollout_batch_at_lr_zero(world, spread_rewards):
+    """verl: LR 0 for every optimiser step of rollout batch 0 (two here, mini_batch_size=1)."""
+    ck, paths = world
+    dm = GroundingDataModule(train=paths["train"], batch_size=2)
+    m = GRPOModule(Qwen3VLAdapter(str(ck)), lr=1e-3, warmup_steps=2, lr_schedule="verl", n_samples=3,
+                   rollout=ROLLOUT, micro_batch_size=4, mini_batch_size=1)
+    m.configure_model()
+    before = {n: p.detach().clone() for n, p in m.model.named_parameters()}
+    t = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    t.fit(m, dm)
+    assert t.global_step == 2 and m.last_stats["optimizer_steps"] == 2
+    assert all(torch.equal(p, before[n]) for n, p in m.model.named_parameters())
+    assert m.lr_schedulers().get_last_lr()[0] == pytest.approx(0.5e-3)  # rollout batch 1: 1/2 of the LR
+
+
+def test_dynamic_sampling_replaces_zero_spread_groups(world, monkeypatch):
+    ck, paths = world
+    scripted = iter([np.array([0.5, 0.5, 0.5, 0.1, 0.2, 0.3]),    # the batch: group 0 has no spread
+                     np.array([0.0, 1.0, 0.5, 0.4, 0.6, 0.8])])   # the refill of 2 prompts: both spread
+
+    def fake(texts, gt_boxes, sizes, family="auto", alpha=0.5):
+        out = grounding_reward([None] * len(texts), gt_boxes, alpha)
+        return type(out)(next(scripted), out.iou, out.success, out.parse_ok, out.failures)
+
+    monkeypatch.setattr(rl_module, "reward_from_texts", fake)
+    m, t, _ = _fit(ck, paths, dynamic_sampling=True, max_refill_rounds=2)
+    s = m.last_stats
+    # short 1 group at keep rate 1/2 -> 2 refill prompts in one round; the first refill group fills the batch
+    assert (s["train/dynamic/dropped_groups"], s["train/dynamic/padded_groups"]) == (1.0, 0.0)
+    assert (s["train/dynamic/refill_rounds"], s["train/dynamic/refill_prompts"]) == (1.0, 2.0)
+    torch.testing.assert_close(s["rewards"], torch.tensor([0.1, 0.2, 0.3, 0.0, 1.0, 0.5]))
+    assert len(s["examples"]) == 2 and s["train/zero_spread_frac"] == 0.5  # logged on the batch's own prompts
+    assert s["train/reward/mean"] == pytest.approx((1.5 + 0.6) / 6)
+    assert (s["advantages"].view(2, 3).abs().sum(1) > 0).all()

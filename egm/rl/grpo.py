@@ -26,6 +26,9 @@ Choices (and why)
   entropy of the full distribution -- the module's default, as verl (which the paper used)
   computes it; :func:`sampled_token_entropy` is the paper's literal ``-log pi(o_t)``, an unbiased
   but noisier estimate whose gradient only lowers the sampled tokens' probabilities.
+* **Zero-spread groups**: off by default (the paper's GRPO trains on them, at advantage 0);
+  :func:`group_has_spread` and :func:`select_groups` implement DAPO's dynamic sampling
+  (Yu et al. 2025; verl ``filter_groups``), which :mod:`egm.rl.dynamic` wires to refills.
 * **Aggregation**: ``"token-mean"`` (sum over all valid tokens of the batch / their count, DAPO)
   is the default because the paper's text says "GRPO with a token-level mean loss [DAPO]" and
   verl's ``loss_agg_mode="token-mean"`` implements it; Eq. 3/7 (``A_i / |o_i|`` then ``1/G``) is
@@ -38,7 +41,7 @@ Choices (and why)
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -102,6 +105,60 @@ def group_advantages(
     spread = grouped.amax(dim=1, keepdim=True) > grouped.amin(dim=1, keepdim=True)  # (P, 1)
     adv = torch.where(spread, (grouped - mean) / (std + eps), torch.zeros_like(grouped))
     return adv.reshape(r.shape), (~spread).to(r.dtype).mean()
+
+
+def _groups(rewards: Tensor, group_size: int) -> Tensor:
+    r = torch.as_tensor(rewards).detach()
+    if r.dim() == 1:
+        if group_size < 1 or r.numel() % group_size:
+            raise ValueError(f"{r.numel()} rewards do not split into groups of {group_size}")
+        return r.view(-1, group_size)
+    if r.dim() != 2 or r.shape[1] != group_size:
+        raise ValueError(f"rewards must be (P*G,) or (P, {group_size}), got {tuple(r.shape)}")
+    return r
+
+
+def group_has_spread(rewards: Tensor, group_size: int) -> Tensor:
+    """``(P,)`` bool: True where a prompt's ``G`` rewards are not all equal.
+
+    DAPO's dynamic-sampling filter (verl ``algorithm.filter_groups``, metric = the sequence
+    reward): a group with zero spread gets advantage 0 for every response (Eq. 7), so it adds
+    tokens to the loss but no policy gradient. Exact equality, as the advantage itself uses.
+    """
+    g = _groups(rewards, group_size)
+    return g.amax(dim=1) > g.amin(dim=1)
+
+
+class GroupSelection(NamedTuple):
+    """Which candidate groups fill a batch of ``target`` prompts (see :func:`select_groups`)."""
+
+    index: Tensor  # (target,) candidate group indices, in draw order
+    dropped: int  # zero-spread groups left out
+    padded: int  # zero-spread groups kept because too few groups had spread
+    surplus: int  # groups with spread left out because the batch was already full
+
+
+def select_groups(has_spread: Tensor, target: int) -> GroupSelection:
+    """DAPO dynamic sampling: the first ``target`` candidate groups with reward spread.
+
+    ``has_spread`` ``(N,)`` covers the batch's own groups followed by the refills, in the order
+    they were drawn. verl's DAPO recipe keeps generating until ``train_batch_size`` groups have
+    spread and raises once ``max_num_gen_batches`` is reached; here a batch still short after
+    the last refill is completed with the earliest zero-spread groups instead (``padded``), so
+    every rank always trains on ``target`` groups (same micro-batch and optimiser-step counts on
+    every rank, which DDP/ZeRO need) and the shortfall degrades to plain GRPO rather than
+    stopping the run.
+    """
+    has_spread = torch.as_tensor(has_spread, dtype=torch.bool).flatten()
+    if target < 0 or has_spread.numel() < target:
+        raise ValueError(f"need {target} groups, only {has_spread.numel()} candidates")
+    good = torch.nonzero(has_spread).flatten()
+    flat = torch.nonzero(~has_spread).flatten()
+    take = good[:target]
+    pad = flat[:target - take.numel()]
+    index = torch.cat([take, pad]).sort().values
+    return GroupSelection(index, int(flat.numel() - pad.numel()), int(pad.numel()),
+                          int(good.numel() - take.numel()))
 
 
 def clipped_surrogate(

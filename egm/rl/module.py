@@ -14,28 +14,39 @@ One training batch of ``P`` prompts is one GRPO iteration, wired from separately
    mini-batch is one optimiser step accumulated over micro-batches of ``micro_batch_size``
    responses, with the loss normalised by the mini-batch's *global* token count (all ranks), so
    the accumulated gradient equals the full mini-batch gradient; the LR schedule steps per
-   optimiser step.
+   optimiser step (``lr_schedule="per_step"``) or as verl, per rollout batch from LR 0
+   (``"verl"``, :func:`egm.optim.verl_cosine_with_warmup`).
 
-Log-probs always come from the training model (logits / rollout temperature). Dropout is switched
-off (as verl does): with identical weights the PPO ratio is then exactly 1.
+Optional DAPO dynamic sampling (``dynamic_sampling``, off by default) sits between 2 and 3: groups
+whose ``G`` rewards are all equal are dropped and replaced by groups of fresh prompts
+(:mod:`egm.rl.dynamic`).
+
+Log-probs always come from the training model (logits / rollout temperature). Every dropout is
+switched off, HF attention dropout included (:func:`_no_dropout`), so that with identical
+weights the PPO ratio is exactly 1. verl gets there differently: it scores old log-probs in
+``eval()`` and updates in ``train()`` mode, which is dropout-free only because the released
+Qwen3-VL / InternVL3 configs set their dropouts to 0.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
+import warnings
 from collections import defaultdict
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 
-from egm.generation import SamplingParams
+from egm.generation import TABLE5_ROLLOUT, SamplingParams
 from egm.models.base import GroundingAdapter
 from egm.optim import build_optimizer
 from egm.reward import reward_from_texts
+from egm.rl.dynamic import dynamic_sampling as dapo_dynamic_sampling
 from egm.rl.grpo import Agg, group_advantages, grpo_loss, sampled_token_entropy
 from egm.rl.rollout import HFEngine, Rollout, RolloutEngine, token_logprobs
 from egm.rl.vllm_engine import VLLMSettings
@@ -44,26 +55,35 @@ from egm.sft import GroundingEvalHooks, GroundingValidation
 log = logging.getLogger(__name__)
 
 
-TABLE5_ROLLOUT = SamplingParams(temperature=0.7, top_p=1.0, top_k=-1, max_new_tokens=1024)
-
-
 class GRPOModule(GroundingEvalHooks, LightningModule):
     """GRPO with the grounding reward for any :class:`~egm.models.base.GroundingAdapter` model.
 
     Args:
         adapter: model family adapter (checkpoint = the SFT export, dtype, LoRA, ...).
         lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW + cosine (Table 5: LR 3e-6,
-            30 warm-up steps, cosine).
+            30 warm-up steps, cosine). Table 5 gives no weight decay, so the paper ran verl's
+            AdamW default, 0.01 (the default here too; verl decays every parameter, egm skips
+            biases and norms, see :func:`egm.optim.build_optimizer`).
+        lr_schedule: ``"per_step"``: the cosine steps per optimiser step and starts at
+            ``lr / warmup_steps``; ``"verl"``: steps once per rollout batch and starts at LR 0
+            (verl's ``get_cosine_schedule_with_warmup``). The same when each rollout batch is one
+            optimiser step (Table 5's reading) except for that start: a one-step shift.
         n_samples: ``G``, responses per prompt (Table 5: n_samples 16).
-        rollout: rollout sampling (Table 5: temperature 0.7, top_p 0.9/0.7, top_k 50/-1,
-            max_response_length 1024).
+        rollout: rollout sampling; ``None``: Table 5's column for the adapter's family
+            (:data:`egm.generation.TABLE5_ROLLOUT`), with a warning, since a recipe should state it.
         clip_eps: PPO clip ratio epsilon (0.2). beta: KL weight (Qwen 0.005, InternVL 0).
         gamma: entropy weight (Qwen 0, InternVL 0.01). alpha: reward weight (0.5).
         agg: ``"token-mean"`` (paper: token-level mean loss) or ``"seq-mean-token-mean"`` (Eq. 3/7).
         entropy: ``"exact"`` (full-distribution entropy, verl) or ``"sampled"`` (Eq. 6 literally).
         ppo_epochs: passes over each rollout batch.
-        mini_batch_size: prompts per optimiser step (``None``: the whole batch, one step per epoch).
-        micro_batch_size: responses per forward/backward (gradient accumulation inside a step).
+        mini_batch_size: prompts per optimiser step *on each rank*, like the datamodule's
+            ``batch_size`` (``None``: the rank's whole batch, one step per epoch). verl's
+            ``ppo_mini_batch_size`` counts prompts over all ranks, so it is ``mini_batch_size x
+            world size``; verl's default 256 with Table 5's batch size 256 is one optimiser step
+            per rollout batch.
+        micro_batch_size: responses per forward/backward (gradient accumulation inside a step; memory
+            only, the loss is normalised by the mini-batch's global token count). Table 5's "per
+            device train batch size 32" is verl's ``ppo_micro_batch_size_per_gpu``, this knob.
         max_grad_norm: gradient clipping (``None``: off; DeepSpeed clips through its own config).
         engine: ``"hf"`` (``model.generate``) or ``"vllm"`` (colocated, GPU).
         rollout_batch_size: responses per HF ``generate`` call (``None``: all at once).
@@ -71,18 +91,23 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         val_sampling: validation decoding (Table 7: greedy).
         export_dir: Hugging Face export at the end of ``fit`` (``None``: none).
         seed: rollout seed (combined with step and rank).
+        dynamic_sampling: DAPO dynamic sampling (off: the paper's GRPO). Groups whose rewards have
+            zero spread are dropped and the batch refilled with fresh prompts drawn from the
+            training set (:mod:`egm.rl.dynamic`), at most ``max_refill_rounds`` rounds; a batch
+            still short is completed with zero-spread groups. Logged as ``train/dynamic/*``.
     """
 
     def __init__(
         self,
         adapter: GroundingAdapter,
         lr: float = 3e-6,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 30,
         min_lr_ratio: float = 0.0,
+        lr_schedule: Literal["per_step", "verl"] = "per_step",
         n_samples: int = 16,
-        rollout: SamplingParams = TABLE5_ROLLOUT,
+        rollout: SamplingParams | None = None,
         clip_eps: float = 0.2,
         beta: float = 0.0,
         gamma: float = 0.0,
@@ -99,8 +124,11 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         val_sampling: SamplingParams = SamplingParams(),
         export_dir: str | None = None,
         seed: int = 0,
+        dynamic_sampling: bool = False,
+        max_refill_rounds: int = 2,
     ):
         super().__init__()
+        rollout = table5_rollout(adapter.family) if rollout is None else rollout
         rollout, val_sampling = _sampling(rollout), _sampling(val_sampling)  # a YAML mapping also works
         vllm = VLLMSettings(**vllm) if isinstance(vllm, dict) else vllm
         if n_samples < 2:
@@ -109,7 +137,14 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
             raise ValueError("ppo_epochs, micro_batch_size and mini_batch_size must be >= 1")
         if rollout.greedy:
             raise ValueError("rollout.temperature must be > 0: GRPO needs different samples per group")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if lr_schedule not in ("per_step", "verl"):
+            raise ValueError(f"lr_schedule must be 'per_step' or 'verl', got {lr_schedule!r}")
+        if max_refill_rounds < 0:
+            raise ValueError(f"max_refill_rounds must be >= 0, got {max_refill_rounds}")
         self.save_hyperparameters(ignore=["adapter"])
+        self.hparams["rollout"] = rollout  # the resolved settings, also when the family default applied
         self.automatic_optimization = False
         self.adapter = adapter
         self.rollout, self.vllm_settings = rollout, vllm
@@ -172,9 +207,11 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         h = self.hparams
         batches = int(self.trainer.estimated_stepping_batches) if self._trainer else 1
         prompts = getattr(getattr(self._trainer, "datamodule", None), "batch_size", None) or 1
-        total = batches * self.steps_per_batch(prompts)
-        return build_optimizer(self.model.parameters(), h.lr, h.weight_decay, tuple(h.betas),
-                               h.warmup_steps, total, h.min_lr_ratio)
+        k = self.steps_per_batch(prompts)
+        verl = h.lr_schedule == "verl"  # verl: the schedule counts rollout batches
+        return build_optimizer(self.model.parameters(), h.lr, h.weight_decay, tuple(h.betas), h.warmup_steps,
+                               batches if verl else batches * k, h.min_lr_ratio,
+                               schedule="verl" if verl else "per_step", steps_per_batch=k)
 
     # -- log-probs -------------------------------------------------------------------------
     def _forward_logp(self, model, ro: Rollout, idx, with_entropy=False, entropy_grad=False):
@@ -210,13 +247,23 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         ro = self.engine.generate(examples, G, self.rollout, seed=self.rollout_seed())
         clock.lap("rollout")
 
-        samples = [ex["sample"] for ex in examples]
-        rew = reward_from_texts(ro.texts, [s.box for s in samples for _ in range(G)],
-                                [(s.width, s.height) for s in samples for _ in range(G)],
-                                family=self.adapter.family, alpha=h.alpha)
-        adv, zero_spread = group_advantages(torch.as_tensor(rew.rewards, dtype=torch.float32), G)
-        adv = adv.to(self.device)
+        rew = self.rewards(ro)  # logged on the batch's own prompts, dynamic sampling or not
+        rewards = torch.as_tensor(rew.rewards, dtype=torch.float32)
+        _, zero_spread = group_advantages(rewards, G)
         clock.lap("reward")
+        dyn_logs: dict[str, float] = {}
+        if h.dynamic_sampling:
+            dyn = dapo_dynamic_sampling(ro, rewards, self._refill, h.max_refill_rounds, self.adapter.pad_token_id,
+                                        agree=self._max_over_ranks)
+            ro, rewards = dyn.rollout, dyn.rewards.float()
+            clock.lap("refill")
+            dyn_logs = {"train/dynamic/dropped_groups": float(dyn.dropped),
+                        "train/dynamic/padded_groups": float(dyn.padded),
+                        "train/dynamic/refill_rounds": float(dyn.rounds),
+                        "train/dynamic/refill_prompts": float(dyn.refill_prompts),
+                        "train/dynamic/refill_tokens_per_s": dyn.refill_tokens / max(clock.t["refill"], 1e-9)}
+        adv, _ = group_advantages(rewards, G)
+        adv = adv.to(self.device)
 
         P = len(examples)
         mini = (h.mini_batch_size or P) * G  # responses per optimiser step
@@ -235,6 +282,7 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
                 "train/response_len_max": lengths.max().item(),
                 "train/truncated_frac": ro.truncated.float().mean().item(),
                 "train/zero_spread_frac": float(zero_spread),
+                **dyn_logs,
                 "train/rollout_tokens_per_s": ro.num_tokens / max(clock.t["rollout"], 1e-9),
                 "train/lr": self.lr_schedulers().get_last_lr()[0],
                 **{f"train/{k}": v for k, v in stats.items() if isinstance(v, (int, float))},
@@ -247,8 +295,39 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         self.log_dict(maxed, on_step=True, on_epoch=False, batch_size=P, sync_dist=sync, reduce_fx="max")
         self.log("train/reward", logs["train/reward/mean"], prog_bar=True, batch_size=P, sync_dist=sync)
         logs.update(maxed)
-        self.last_stats = {**logs, **stats, "advantages": adv.cpu(), "lengths": ro.lengths,
-                           "rewards": torch.as_tensor(rew.rewards)}
+        self.last_stats = {**logs, **stats, "advantages": adv.cpu(), "lengths": ro.lengths, "rewards": rewards,
+                           "examples": ro.examples}
+
+    def rewards(self, ro: Rollout):
+        """Eq. 8 for every response of ``ro`` against its prompt's box (``RewardOutput``)."""
+        G, samples = ro.group_size, [ex["sample"] for ex in ro.examples]
+        return reward_from_texts(ro.texts, [s.box for s in samples for _ in range(G)],
+                                 [(s.width, s.height) for s in samples for _ in range(G)],
+                                 family=self.adapter.family, alpha=self.hparams.alpha)
+
+    # -- DAPO dynamic sampling -------------------------------------------------------------
+    def refill_examples(self, n: int, round_: int) -> list[dict[str, Any]]:
+        """``n`` fresh prompts for a refill: drawn without replacement from the training set.
+
+        Outside Lightning's dataloader iterator (the epoch still visits every prompt once); seeded
+        by (seed, step, rank, round), so a resumed run draws the same prompts.
+        """
+        ds = self.trainer.train_dataloader.dataset
+        gen = torch.Generator().manual_seed(self.rollout_seed() * 31 + round_)
+        return [ds[int(i)] for i in torch.randperm(len(ds), generator=gen)[:n]]
+
+    def _refill(self, n: int, round_: int) -> tuple[Rollout, torch.Tensor]:
+        examples = self.refill_examples(n, round_)
+        ro = self.engine.generate(examples, self.hparams.n_samples, self.rollout,
+                                  seed=(self.rollout_seed() + 104_729 * round_) % (2**31))
+        return ro, torch.as_tensor(self.rewards(ro).rewards)
+
+    def _max_over_ranks(self, n: int) -> int:
+        """The largest refill request over ranks: every rank rolls out in the same rounds."""
+        if not self._trainer or self.trainer.world_size == 1:
+            return n
+        t = torch.tensor(float(n), device=self.device)
+        return int(self.trainer.strategy.reduce(t, reduce_op="max"))
 
     def _ppo_updates(self, ro: Rollout, adv, old, ref, mini: int) -> dict[str, Any]:
         """``ppo_epochs`` x mini-batches of optimiser steps; returns averaged loss metrics."""
@@ -317,11 +396,56 @@ def _sampling(p: SamplingParams | dict) -> SamplingParams:
     return SamplingParams(**p) if isinstance(p, dict) else p
 
 
+def table5_rollout(family: str) -> SamplingParams:
+    """Table 5's rollout column for ``family``, with a warning: recipes should state their rollout."""
+    if family not in TABLE5_ROLLOUT:
+        raise ValueError(f"model.rollout is not set and Table 5 has no rollout column for family {family!r}; "
+                         f"set model.init_args.rollout (families with defaults: {sorted(TABLE5_ROLLOUT)})")
+    p = dataclasses.replace(TABLE5_ROLLOUT[family])  # a copy: the table is shared
+    warnings.warn(f"model.rollout is not set: using Table 5's {family} rollout column {p}; state it in the "
+                  f"config (model.init_args.rollout) to silence this", UserWarning, stacklevel=3)
+    return p
+
+
+_DROPOUT_NAMES = ("dropout", "drop_path", "drop_prob")
+
+
+def _is_dropout_rate(name: str, value: Any) -> bool:
+    return (any(k in name for k in _DROPOUT_NAMES) and isinstance(value, (int, float))
+            and not isinstance(value, bool) and value > 0)
+
+
 def _no_dropout(model: torch.nn.Module) -> None:
-    """RL forwards run without dropout (verl disables it), so old and new log-probs agree."""
+    """Zero every dropout of the policy, so old, new and reference log-probs of a rollout agree.
+
+    ``nn.Dropout`` modules (LoRA's included) are not all: HF attention layers keep the rate as a
+    float (``self.attention_dropout = config.attention_dropout``) and pass it to SDPA / eager
+    attention in train mode; vision towers have ``projection_dropout`` and the like. So the
+    rates stored on modules and on the (nested text/vision) configs are zeroed too.
+    """
+    from transformers import PretrainedConfig
+
+    seen: set[int] = set()
+
+    def zero_config(cfg: PretrainedConfig) -> None:
+        if id(cfg) in seen:
+            return
+        seen.add(id(cfg))
+        for name, value in list(vars(cfg).items()):
+            if isinstance(value, PretrainedConfig):
+                zero_config(value)
+            elif _is_dropout_rate(name, value):
+                setattr(cfg, name, 0.0)
+
     for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
             m.p = 0.0
+        cfg = getattr(m, "config", None)
+        if isinstance(cfg, PretrainedConfig):
+            zero_config(cfg)
+        for name, value in list(vars(m).items()):  # plain attributes; submodules live in m._modules
+            if _is_dropout_rate(name, value):
+                setattr(m, name, 0.0)
 
 
 class _Clock:
