@@ -339,3 +339,42 @@ class GroundingAdapter:
         # preprocessor_config.json keeps the folder readable by loaders that look for it.
         self.processor.image_processor.save_pretrained(path)
         return path
+
+
+_DROPOUT_NAMES = ("dropout", "drop_path", "drop_prob")
+
+
+def _is_dropout_rate(name: str, value: Any) -> bool:
+    return (any(k in name for k in _DROPOUT_NAMES) and isinstance(value, (int, float))
+            and not isinstance(value, bool) and value > 0)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout of ``model`` (GRPO: old, new and reference log-probs of a rollout agree).
+
+    ``nn.Dropout`` modules (LoRA's included) are not all: HF attention layers keep the rate as a
+    float (``self.attention_dropout = config.attention_dropout``) and pass it to SDPA / eager
+    attention in train mode; vision towers have ``projection_dropout`` and the like. So the
+    rates stored on modules and on the (nested text/vision) configs are zeroed too.
+    """
+    seen: set[int] = set()
+
+    def zero_config(cfg: transformers.PretrainedConfig) -> None:
+        if id(cfg) in seen:
+            return
+        seen.add(id(cfg))
+        for name, value in list(vars(cfg).items()):
+            if isinstance(value, transformers.PretrainedConfig):
+                zero_config(value)
+            elif _is_dropout_rate(name, value):
+                setattr(cfg, name, 0.0)
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        cfg = getattr(m, "config", None)
+        if isinstance(cfg, transformers.PretrainedConfig):
+            zero_config(cfg)
+        for name, value in list(vars(m).items()):  # plain attributes; submodules live in m._modules
+            if _is_dropout_rate(name, value):
+                setattr(m, name, 0.0)

@@ -22,8 +22,8 @@ whose ``G`` rewards are all equal are dropped and replaced by groups of fresh pr
 (:mod:`egm.rl.dynamic`).
 
 Log-probs always come from the training model (logits / rollout temperature). Every dropout is
-switched off, HF attention dropout included (:func:`_no_dropout`), so that with identical
-weights the PPO ratio is exactly 1. verl gets there differently: it scores old log-probs in
+switched off, HF attention dropout included (:func:`egm.models.base.disable_dropout`), so that
+with identical weights the PPO ratio is exactly 1. verl gets there differently: it scores old log-probs in
 ``eval()`` and updates in ``train()`` mode, which is dropout-free only because the released
 Qwen3-VL / InternVL3 configs set their dropouts to 0.
 """
@@ -43,7 +43,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from egm.generation import TABLE5_ROLLOUT, SamplingParams
-from egm.models.base import GroundingAdapter
+from egm.models.base import GroundingAdapter, disable_dropout
 from egm.optim import build_optimizer
 from egm.reward import reward_from_texts
 from egm.rl.dynamic import dynamic_sampling as dapo_dynamic_sampling
@@ -159,7 +159,7 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         if self.model is not None:
             return
         self.model = self.adapter.load_model()
-        _no_dropout(self.model)
+        disable_dropout(self.model)
         self.model.train()  # from_pretrained returns eval mode; gradient checkpointing needs train mode
         if self.hparams.beta != 0.0 and self.adapter.lora is None:
             ref = self.adapter.load_model().eval()  # same checkpoint = the initial policy
@@ -405,47 +405,6 @@ def table5_rollout(family: str) -> SamplingParams:
     warnings.warn(f"model.rollout is not set: using Table 5's {family} rollout column {p}; state it in the "
                   f"config (model.init_args.rollout) to silence this", UserWarning, stacklevel=3)
     return p
-
-
-_DROPOUT_NAMES = ("dropout", "drop_path", "drop_prob")
-
-
-def _is_dropout_rate(name: str, value: Any) -> bool:
-    return (any(k in name for k in _DROPOUT_NAMES) and isinstance(value, (int, float))
-            and not isinstance(value, bool) and value > 0)
-
-
-def _no_dropout(model: torch.nn.Module) -> None:
-    """Zero every dropout of the policy, so old, new and reference log-probs of a rollout agree.
-
-    ``nn.Dropout`` modules (LoRA's included) are not all: HF attention layers keep the rate as a
-    float (``self.attention_dropout = config.attention_dropout``) and pass it to SDPA / eager
-    attention in train mode; vision towers have ``projection_dropout`` and the like. So the
-    rates stored on modules and on the (nested text/vision) configs are zeroed too.
-    """
-    from transformers import PretrainedConfig
-
-    seen: set[int] = set()
-
-    def zero_config(cfg: PretrainedConfig) -> None:
-        if id(cfg) in seen:
-            return
-        seen.add(id(cfg))
-        for name, value in list(vars(cfg).items()):
-            if isinstance(value, PretrainedConfig):
-                zero_config(value)
-            elif _is_dropout_rate(name, value):
-                setattr(cfg, name, 0.0)
-
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
-            m.p = 0.0
-        cfg = getattr(m, "config", None)
-        if isinstance(cfg, PretrainedConfig):
-            zero_config(cfg)
-        for name, value in list(vars(m).items()):  # plain attributes; submodules live in m._modules
-            if _is_dropout_rate(name, value):
-                setattr(m, name, 0.0)
 
 
 class _Clock:
