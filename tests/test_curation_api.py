@@ -425,3 +425,110 @@ def test_exception_midway_then_rerun(world):
         assert (res["cache_hits"], res["requests"], res["kept"]) == (2, 4, 6)
     finally:
         server.close()
+
+
+PLANTED = "sk-planted-3f9c2a7e41d05b68"
+
+
+def test_planted_api_key_never_appears_in_any_output(world):
+    """A key given on the command line and in the environment, against a server that echoes it
+    in its 401 and 500 bodies: no byte of stdout, stderr or any file written shows it, on the
+    success path, the retry/failure path, a bad setting (``--teacher.max_attempts 0``, which used
+    to print the whole config) and ``--print_config``."""
+    from egm.curation.client import Secret, TeacherError, redact
+
+    tmp, path, _ = world
+    echo = json.dumps({"error": {"message": f"Incorrect API key provided: {PLANTED}", "type": "auth"}}).encode()
+
+    def script(prompt, attempt):
+        q = _question(prompt)
+        if q == "object number 1":
+            return 401, echo, 0  # not retried: a failure record
+        if q == "object number 2" and attempt == 1:
+            return 500, echo, 0  # retried (logged), then fine
+        return ok(prompt, attempt)
+
+    server = serve(script)
+    out = tmp / "out"
+    base = [sys.executable, str(REPO / "tools" / "curate.py"), "--manifest", str(path),
+            "--output", str(out / "curated.jsonl"), "--teacher.model", "fake-vlm",
+            "--teacher.base_url", server.base_url, "--teacher.backoff_initial", "0.01", "--progress", "false"]
+    env = {**os.environ, "EGM_TEACHER_API_KEY": PLANTED, "OPENAI_API_KEY": PLANTED}
+    runs = {
+        "run": base + ["--teacher.api_key", PLANTED],
+        "run_env_key": base + ["--output", str(out / "curated_env.jsonl"), "--cache", str(out / "cache_env.jsonl")],
+        "bad_setting": base + ["--teacher.api_key", PLANTED, "--teacher.max_attempts", "0"],
+        "print_config": base + ["--teacher.api_key", PLANTED, "--print_config"],
+    }
+    try:
+        results = {k: subprocess.run(a, env=env, capture_output=True, timeout=60) for k, a in runs.items()}
+    finally:
+        server.close()
+    assert results["run"].returncode == 0, results["run"].stderr.decode()[-2000:]
+    assert results["run_env_key"].returncode == 0
+    assert results["bad_setting"].returncode != 0
+    assert b"teacher.max_attempts >= 1 (got 0)" in results["bad_setting"].stderr
+    assert Secret.MASK.encode() in results["print_config"].stdout
+    assert b"retrying" in results["run"].stderr  # the 500 was logged ...
+    assert b"Incorrect API key provided: " + Secret.MASK.encode() in results["run"].stderr  # ... redacted
+    fails = [json.loads(x) for x in (out / "curated.jsonl.failures.jsonl").read_text().splitlines()]
+    assert [(f["id"], f["status"]) for f in fails] == [("s1", 401)] and Secret.MASK in fails[0]["reason"]
+    for name, r in results.items():
+        assert PLANTED.encode() not in r.stdout + r.stderr, name
+    written = [p for p in tmp.rglob("*") if p.is_file()]
+    assert len(written) >= 8  # manifests, failures, stats, caches of both runs, images
+    for p in written:
+        assert PLANTED.encode() not in p.read_bytes(), p
+    # in-process: the config's repr, a derived error, the redaction helper
+    cfg = TeacherConfig(model="m", api_key=PLANTED)
+    assert PLANTED not in repr(cfg) and PLANTED not in repr(cfg.resolved()) and cfg.api_key == PLANTED
+    assert PLANTED not in str(TeacherError(redact(f"echo {PLANTED}", cfg.api_key)))
+    with pytest.raises(ValueError) as e:
+        TeacherConfig(model="m", api_key=PLANTED, timeout=0).resolved()
+    assert PLANTED not in str(e.value) and "teacher.timeout > 0" in str(e.value)
+
+
+def test_a_kill_pays_again_for_at_most_the_requests_in_flight(world):
+    """With ``concurrency=3``, SIGKILL while three requests sit answered-but-undelivered at the
+    server (billed there, never cached): the rerun asks exactly those again -- the bound the
+    docs state (at most ``concurrency`` per kill), where "never pays twice" was claimed before."""
+    tmp, path, samples = world
+    concurrency = 3
+    release = threading.Event()
+
+    def script(prompt, attempt):
+        with server.lock:
+            served = sum(1 for e in server.log if e["status"] == 200)
+        if served >= 3 and not release.is_set():
+            return 200, "answered, billed, never delivered", 30.0
+        return ok(prompt, attempt)
+
+    server = serve(script)
+    out, cache = tmp / "out.jsonl", tmp / "cache.jsonl"
+    args = [sys.executable, str(REPO / "tools" / "curate.py"), "--manifest", str(path), "--output", str(out),
+            "--cache", str(cache), "--teacher.model", "fake-vlm", "--teacher.base_url", server.base_url,
+            "--teacher.timeout", "40", "--concurrency", str(concurrency), "--progress", "false"]
+    env = {**os.environ, "EGM_TEACHER_API_KEY": "test-key"}
+    try:
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 30
+        while time.time() < deadline and proc.poll() is None and not (
+                server.count() == 6 and cache.exists() and len(cache.read_text().splitlines()) == 3):
+            time.sleep(0.05)
+        assert server.count() == 6, proc.stderr.read().decode() if proc.poll() is not None else "timeout"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        cached = {json.loads(x)["id"] for x in cache.read_text().splitlines()}
+        in_flight = {e["question"] for e in server.log} - {f"object number {i[1:]}" for i in cached}
+        assert len(cached) == 3 and len(in_flight) == concurrency
+        n_before = server.count()
+        release.set()
+        rerun = subprocess.run(args, env=env, capture_output=True, timeout=60)
+        assert rerun.returncode == 0, rerun.stderr.decode()
+        asked_again = [e["question"] for e in server.log[n_before:]]
+        assert sorted(asked_again) == sorted(in_flight)  # paid twice: exactly the in-flight ones
+        assert len(asked_again) <= concurrency
+        assert [s.id for s in read_manifest(out)] == [s.id for s in samples]
+    finally:
+        release.set()
+        server.close()

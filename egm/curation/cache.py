@@ -1,4 +1,11 @@
-"""Resumable cache of teacher replies: a crash, a kill or a rerun never pays twice.
+"""Resumable cache of teacher replies: a rerun never asks again for a reply that was cached.
+
+What a kill costs, exactly: every reply is cached the moment it arrives, so a rerun re-asks
+only the requests that were *in flight* when the process died, at most ``concurrency`` of them
+(:func:`egm.curation.jobs.run_requests`). The provider may already have answered, and billed,
+those; their replies never reached this cache, and OpenAI-compatible chat completions offer no
+idempotency key to fetch them back, so they are paid twice. (Independently of kills, a retry
+after a client-side timeout may be billed twice by the provider too.)
 
 Storage: one append-only JSONL file. Each finished request is one line, written with a single
 ``os.write`` on an ``O_APPEND`` descriptor followed by ``fsync``, under a lock shared by the

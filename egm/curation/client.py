@@ -14,6 +14,11 @@ Both implement :class:`Teacher`: a ``model`` string (part of the cache key) and
 A reply that came back but is unusable (empty, not in the asked format) is *not* an error here:
 it was paid for, so it is cached and the job's parser records it as a failure.
 
+The API key is a :class:`Secret`: its ``repr`` (hence the config's), ``--print_config`` and
+every error or log line this module writes show ``**********`` instead (an endpoint that echoes
+the key in an error body is redacted too). The key never enters the reply cache, the job's
+failures or stats files.
+
 Retries are tenacity's (visible in the log and counted in :attr:`OpenAITeacher.retries`): the
 ``openai`` client itself runs with ``max_retries=0``. Retried: HTTP 408/409/429/5xx, timeouts and
 connection errors, with exponential backoff and jitter (a ``Retry-After`` header, when present and
@@ -83,6 +88,40 @@ class TeacherError(RuntimeError):
         self.status = status
 
 
+class Secret(str):
+    """A string (an API key) that never shows itself: ``repr`` and the CLI's dumps give the mask.
+
+    It is still a ``str`` for the code that needs the value (the ``openai`` client). On the
+    command line it parses from the plain key; the mask itself is refused, so a printed config
+    fed back cannot silently send ``**********`` as the key.
+    """
+
+    MASK = "**********"
+
+    def __repr__(self) -> str:
+        return repr(self.MASK)
+
+
+def redact(text: str, secret: str | None) -> str:
+    """``text`` with every occurrence of ``secret`` replaced by the mask."""
+    return text.replace(secret, Secret.MASK) if secret else text
+
+
+def _secret_from_cli(value: Any) -> Secret:
+    if value == Secret.MASK:
+        raise ValueError("refusing the mask as an API key: give the key itself, or set EGM_TEACHER_API_KEY")
+    return Secret(value)
+
+
+def _register_secret_type() -> None:
+    from jsonargparse.typing import register_type  # the CLI's parser (a core dependency)
+
+    register_type(Secret, serializer=lambda v: Secret.MASK, deserializer=_secret_from_cli)
+
+
+_register_secret_type()
+
+
 @runtime_checkable
 class Teacher(Protocol):
     """What a curation job needs from a teacher."""
@@ -99,11 +138,12 @@ class TeacherConfig:
     Unset ``model``/``base_url``/``api_key`` come from ``EGM_TEACHER_MODEL``,
     ``EGM_TEACHER_BASE_URL`` (else ``OPENAI_BASE_URL``) and ``EGM_TEACHER_API_KEY`` (else
     ``OPENAI_API_KEY``); prefer the environment for the key so it never lands in a config file.
+    ``api_key`` is held as a :class:`Secret` (masked in the repr and in ``--print_config``).
     """
 
     model: str | None = None
     base_url: str | None = None
-    api_key: str | None = None
+    api_key: Secret | None = None
     timeout: float = 120.0              # seconds per HTTP request
     max_attempts: int = 6               # tenacity: first try + 5 retries
     backoff_initial: float = 2.0        # seconds; doubles per retry, plus up to this much jitter
@@ -113,6 +153,10 @@ class TeacherConfig:
     image_format: str = "png"           # png (lossless box colours) or jpeg (smaller uploads)
     price_input_per_1m: float = 0.0     # USD per 1M prompt tokens
     price_output_per_1m: float = 0.0    # USD per 1M completion tokens
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not isinstance(self.api_key, Secret):
+            object.__setattr__(self, "api_key", Secret(self.api_key))
 
     def resolved(self) -> TeacherConfig:
         """Fill unset fields from the environment and validate (fails before any request)."""
@@ -127,8 +171,15 @@ class TeacherConfig:
             raise ValueError("teacher.model is not set (config or EGM_TEACHER_MODEL)")
         if not cfg.api_key:
             raise ValueError("teacher.api_key is not set (config, EGM_TEACHER_API_KEY or OPENAI_API_KEY)")
-        if cfg.max_attempts < 1 or cfg.timeout <= 0 or cfg.backoff_initial < 0 or cfg.backoff_max < 0:
-            raise ValueError(f"teacher: need max_attempts >= 1, timeout > 0, backoffs >= 0, got {cfg}")
+        bad = [f"{k} {req} (got {getattr(cfg, k)!r})" for k, req, ok in (
+            ("max_attempts", ">= 1", cfg.max_attempts >= 1), ("timeout", "> 0", cfg.timeout > 0),
+            ("backoff_initial", ">= 0", cfg.backoff_initial >= 0), ("backoff_max", ">= 0", cfg.backoff_max >= 0),
+            ("max_tokens", ">= 1", cfg.max_tokens >= 1), ("temperature", ">= 0", cfg.temperature >= 0),
+            ("price_input_per_1m", ">= 0", cfg.price_input_per_1m >= 0),
+            ("price_output_per_1m", ">= 0", cfg.price_output_per_1m >= 0),
+        ) if not ok]
+        if bad:  # name the keys only: never the whole config, which holds the key
+            raise ValueError("teacher: need " + ", ".join(f"teacher.{b}" for b in bad))
         if cfg.image_format.lower() not in ("png", "jpeg", "jpg"):
             raise ValueError(f"teacher.image_format must be png or jpeg, got {cfg.image_format!r}")
         return cfg
@@ -194,8 +245,11 @@ class OpenAITeacher:
         reason = str(_status(exc)) if _status(exc) else type(exc).__name__
         with self._lock:
             self.retries[reason] += 1
-        log.warning("teacher: attempt %d failed (%s: %s); retrying in %.1fs",
-                    state.attempt_number, reason, exc, state.next_action.sleep if state.next_action else 0.0)
+        log.warning("teacher: attempt %d failed (%s: %s); retrying in %.1fs", state.attempt_number, reason,
+                    redact(str(exc), self.config.api_key), state.next_action.sleep if state.next_action else 0.0)
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self.config.api_key)
 
     def messages(self, request: TeacherRequest) -> list[dict[str, Any]]:
         """The chat messages of a request: prompt text, then each image as a data URL."""
@@ -217,12 +271,12 @@ class OpenAITeacher:
                 max_tokens=self.config.max_tokens,
                 temperature=self.config.temperature,
             )
-        except openai.APIError as e:
-            raise TeacherError(f"{type(e).__name__}: {e}", status=_status(e)) from e
+        except openai.APIError as e:  # `from None`: the cause's text may echo the key, unredacted
+            raise TeacherError(self._redact(f"{type(e).__name__}: {e}"), status=_status(e)) from None
         except ValueError as e:  # a 200 whose body is not JSON (a broken proxy/server): no reply
-            raise TeacherError(f"unreadable response body: {e}") from e
+            raise TeacherError(self._redact(f"unreadable response body: {e}")) from None
         if not getattr(resp, "choices", None):
-            raise TeacherError(f"response without choices: {str(resp)[:200]}")
+            raise TeacherError(self._redact(f"response without choices: {str(resp)[:200]}"))
         choice = resp.choices[0]
         usage = getattr(resp, "usage", None)
         return Reply(

@@ -12,7 +12,9 @@
 
 Every job takes any :class:`~egm.curation.client.Teacher` (the API client or the synthetic
 oracle) and a :class:`~egm.curation.cache.ReplyCache`; replies already in the cache are reused,
-so rerunning a killed job only asks for what is missing. A sample whose request fails, or whose
+so rerunning a killed job only asks for what is missing: the replies never received plus at
+most ``concurrency`` requests that were in flight at the kill (possibly answered and billed by
+the provider, but not yet cached; see :mod:`egm.curation.cache`). A sample whose request fails, or whose
 reply does not parse, is dropped from the output and listed in the job's ``failures`` (never
 fatal). The outputs are ordinary manifests, read by the SFT and RL datamodules as they are.
 """
@@ -79,7 +81,9 @@ def run_requests(
     """Answer each request from the cache or the teacher (``concurrency`` threads) -> id -> reply.
 
     A finished request is cached before the next is counted, so a kill loses at most the
-    requests in flight. :class:`TeacherError` is returned for its item; any other exception
+    requests in flight: at most ``concurrency`` (one per worker thread; the queued ones have
+    not been sent), which a rerun asks, and may pay for, again. :class:`TeacherError` is
+    returned for its item; any other exception
     (a bug, Ctrl-C) cancels what has not started and propagates once the in-flight requests end.
     """
     if concurrency < 1:
@@ -386,7 +390,7 @@ def curate(
         teacher_class: ``module:callable`` building another Teacher, e.g. the synthetic oracle
             ``egm.data.teacher:OracleTeacher`` (then ``teacher`` is unused).
         cache: reply cache (JSONL); default ``<output folder>/teacher_cache.jsonl``. Reruns reuse it.
-        concurrency: requests in flight.
+        concurrency: requests in flight; also the most a kill can make a rerun pay for twice.
         limit: only the first ``limit`` samples (try a prompt on a few before paying for all).
         progress: show a progress bar.
     """
