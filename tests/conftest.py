@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# DeepSpeed runs on this CPU through its CPU accelerator. Set before anything imports deepspeed
+# (transformers and peft probe it), in this process and in every subprocess a test starts:
+# without it DeepSpeed guesses, and prints its guess on stdout (breaking `--print_config` YAML).
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 class TinyDirs(dict):
