@@ -22,6 +22,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric
 
+from egm.config_checks import SFT_RULES, check_ranges
 from egm.generation import SamplingParams
 from egm.models.base import GroundingAdapter
 from egm.optim import build_optimizer
@@ -160,6 +161,7 @@ class SFTModule(GroundingEvalHooks, LightningModule):
         val_sampling: SamplingParams = SamplingParams(),
         export_dir: str | None = None,
     ):
+        check_ranges("SFTModule", locals(), SFT_RULES)  # before any model loads (egm.config_checks)
         super().__init__()
         if isinstance(val_sampling, dict):  # jsonargparse may hand a YAML block over as a dict
             val_sampling = SamplingParams(**val_sampling)

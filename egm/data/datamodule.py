@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from egm.config_checks import DATAMODULE_RULES, check_ranges
 from egm.data.manifest import Sample, read_manifest
 
 Example = dict[str, Any]
@@ -271,6 +272,7 @@ class GroundingDataModule(L.LightningDataModule):
         check_images: bool = True,
         tasks: list[str] | None = None,
     ):
+        check_ranges("GroundingDataModule", locals(), DATAMODULE_RULES)  # egm.config_checks
         super().__init__()
         self.save_hyperparameters()
         self.train_paths = [train] if isinstance(train, str) else list(train or [])

@@ -51,6 +51,7 @@ import transformers
 from torch.nn.utils.rnn import pad_sequence
 
 from egm.answers import ParsedAnswer, parse_answer
+from egm.config_checks import ADAPTER_RULES, check_checkpoint_path, check_ranges
 from egm.models.prompts import task_prompt
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ class GroundingAdapter:
         gradient_checkpointing: bool = False,
         max_length: int = 4096,
     ):
+        check_ranges(type(self).__name__, locals(), ADAPTER_RULES)
+        check_checkpoint_path(str(pretrained_model_name_or_path))  # a missing local folder: now, by name
         self.pretrained_model_name_or_path = str(pretrained_model_name_or_path)
         if not isinstance(getattr(torch, torch_dtype, None), torch.dtype):
             raise ValueError(f"torch_dtype must name a torch dtype (float32, bfloat16, ...), got {torch_dtype!r}")

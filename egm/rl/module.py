@@ -42,6 +42,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 
+from egm.config_checks import GRPO_RULES, check_ranges
 from egm.generation import TABLE5_ROLLOUT, SamplingParams
 from egm.models.base import GroundingAdapter, disable_dropout
 from egm.optim import build_optimizer
@@ -127,6 +128,7 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         dynamic_sampling: bool = False,
         max_refill_rounds: int = 2,
     ):
+        check_ranges("GRPOModule", locals(), GRPO_RULES)  # before any model loads (egm.config_checks)
         super().__init__()
         rollout = table5_rollout(adapter.family) if rollout is None else rollout
         rollout, val_sampling = _sampling(rollout), _sampling(val_sampling)  # a YAML mapping also works
