@@ -36,7 +36,7 @@ from egm.rl.vllm_engine import VLLMEngine, VLLMSettings, sample_seeds
 FAMILIES = ["qwen3_vl", "internvl"]
 GREEDY = SamplingParams(max_new_tokens=24)
 ROLLOUT = SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=8)
-CPU_VLLM = VLLMSettings(dtype="float32", enforce_eager=True, max_model_len=2048, max_num_seqs=64)
+CPU_VLLM = VLLMSettings(dtype="float32", enforce_eager=True, max_model_len=2048, max_num_seqs=256)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,9 @@ def test_every_sample_of_a_step_has_its_own_stream(tiny_dirs, world):
     rows = [tuple(r) for r in a.completion_ids.tolist()]
     assert len(set(rows)) == 8  # 2 identical prompts x 4 samples: 8 different samples
     assert not torch.equal(a.completion_ids, eng.generate(same, 4, sampling, seed=4).completion_ids)
+    # more prompt tokens than one scheduler step takes (4096): seeded requests across steps
+    big = eng.generate(_examples(world, 5) * 4, 12, SamplingParams(temperature=1.0, top_k=-1, max_new_tokens=2), seed=5)
+    assert len(big) == 240
 
 
 def _fit(ck, family, paths, steps=1, lora=None, **kw):

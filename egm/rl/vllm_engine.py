@@ -199,6 +199,11 @@ class VLLMEngine(RolloutEngine):
             seed=rank // tensor_parallel_size,  # identical sampling within a TP group
             limit_mm_per_prompt={"image": 1},
         )
+        if current_platform.is_cpu():
+            # A prompt split across scheduler steps (chunked prefill) has its sampled token
+            # discarded, and vLLM then rewinds the request's seeded generator, which CPU
+            # generators cannot do ("CPU Generator does not use offset"). Whole prompts only.
+            kwargs["enable_chunked_prefill"] = False
         if world_size > 1:
             # vLLM joins the trainer's process group instead of spawning workers
             for k, v in (("RANK", rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", world_size),
