@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric
 
 from egm.config_checks import SFT_RULES, check_ranges
@@ -27,6 +26,7 @@ from egm.generation import SamplingParams
 from egm.models.base import GroundingAdapter
 from egm.optim import build_optimizer
 from egm.scoring import score_texts
+from egm.strategies import deepspeed_loss_factor, gathered_parameters, zero3_for_transformers
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +126,19 @@ class GroundingEvalHooks:
         if self.hparams.export_dir:
             self.export(self.hparams.export_dir)
 
-    @rank_zero_only
     def export(self, out_dir: str | Path) -> Path:
-        """Write a Hugging Face folder (LoRA merged) that transformers and vLLM load."""
-        path = self.adapter.save_pretrained(self.model, out_dir)
-        log.info("exported Hugging Face checkpoint to %s", path)
-        return Path(path)
+        """Write a Hugging Face folder (LoRA merged) that transformers and vLLM load.
+
+        Every rank calls it (``on_fit_end``): under ZeRO-3 each rank holds only a shard of every
+        parameter, so they gather them together first; rank 0 writes, the others wait for it.
+        """
+        with gathered_parameters(self.model):
+            if self.global_rank == 0:
+                self.adapter.save_pretrained(self.model, out_dir)
+                log.info("exported Hugging Face checkpoint to %s", out_dir)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            self.trainer.strategy.barrier("export")
+        return Path(out_dir)
 
 
 class SFTModule(GroundingEvalHooks, LightningModule):
@@ -175,6 +182,7 @@ class SFTModule(GroundingEvalHooks, LightningModule):
     def configure_model(self) -> None:
         """Load the model lazily (DeepSpeed ZeRO-3 / FSDP shard it as it is built)."""
         if self.model is None:
+            self.zero3_hf = zero3_for_transformers(self._trainer)  # kept alive: transformers holds a weakref
             # from_pretrained returns eval mode; Lightning keeps a module's mode, so switch here
             self.model = self.adapter.load_model().train()
 
@@ -197,6 +205,9 @@ class SFTModule(GroundingEvalHooks, LightningModule):
         the ranks' gradients, which weights every rank equally whatever its token count. Rescaling
         by ``local tokens / (global tokens / world)`` makes the averaged gradient the token-mean of
         the whole global micro-batch, i.e. the same as one process with ``world`` times the batch.
+        With gradient accumulation each micro-batch's mean counts ``1/accumulation`` (Lightning's
+        division; under DeepSpeed :func:`~egm.strategies.deepspeed_loss_factor` undoes the engine's
+        second one).
         """
         inputs = batch["inputs"]
         out = self.model(**inputs)
@@ -213,7 +224,7 @@ class SFTModule(GroundingEvalHooks, LightningModule):
         if self._t_last is not None:
             self.log("train/samples_per_s", bs / max(now - self._t_last, 1e-9), batch_size=bs)
         self._t_last = now
-        return loss
+        return loss * deepspeed_loss_factor(self._trainer)
 
     def configure_optimizers(self):
         total = int(self.trainer.estimated_stepping_batches) if self.trainer else 1

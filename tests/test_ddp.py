@@ -11,21 +11,15 @@ reference runs in the test process. Gradients are dumped by rank 0 before the op
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import subprocess
 import sys
-import zlib
-from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
+from multirank import QUIET, ROOT, grpo_module, launch, sft_module, uneven_world
 from lightning.pytorch.callbacks import Callback
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class DumpGrads(Callback):
@@ -46,84 +40,22 @@ class DumpGrads(Callback):
             torch.save({**obj, "metrics": metrics}, self.out)
 
 
-class FixedEngine:
-    """Rollouts fixed per (prompt id, sample index), whichever rank or batch they are drawn in."""
-
-    def __init__(self, adapter):
-        self.adapter = adapter
-
-    def update_weights(self, model):
-        pass
-
-    def generate(self, examples, n, sampling, seed=None):
-        from egm.rl.rollout import Rollout, encode_prompts, responses_from_rows
-
-        rows = []
-        for ex in examples:
-            for g in range(n):
-                rng = np.random.default_rng(zlib.crc32(f"{ex['sample'].id}/{g}".encode()))
-                rows.append(rng.integers(20, 400, size=int(rng.integers(2, 7))).tolist())
-        ids, mask, lengths, trunc = responses_from_rows(rows, set(), 8, self.adapter.pad_token_id)
-        return Rollout(list(examples), encode_prompts(self.adapter, examples), ids, mask, lengths, trunc,
-                       self.adapter.decode(ids, 0), n)
-
-
-def fixed_reward(texts, gt_boxes, sizes, family="auto", alpha=0.5):
-    from egm.reward import grounding_reward
-
-    out = grounding_reward([None] * len(texts), gt_boxes, alpha)
-    rewards = np.array([zlib.crc32(t.encode()) % 97 / 97 for t in texts])
-    return type(out)(rewards, out.iou, out.success, out.parse_ok, out.failures)
-
-
 def run(kind: str, ck: str, train: str, out: str, devices: int, batch: int) -> None:
     """One optimiser step of SFT or GRPO on ``train`` (4 samples), gradients dumped to ``out``."""
-    import egm.rl.module as rl_module
     from egm.data.datamodule import GroundingDataModule
-    from egm.generation import SamplingParams
-    from egm.models import Qwen3VLAdapter
 
     torch.set_num_threads(1)
     L.seed_everything(0)
     dm = GroundingDataModule(train=train, batch_size=batch, seed=5)
-    if kind == "sft":
-        from egm.sft import SFTModule
-
-        m = SFTModule(Qwen3VLAdapter(ck, max_length=256), lr=1e-3)
-    else:
-        rl_module.reward_from_texts = fixed_reward
-        m = rl_module.GRPOModule(Qwen3VLAdapter(ck), lr=1e-3, warmup_steps=0, n_samples=3, micro_batch_size=2,
-                                 max_grad_norm=None, rollout=SamplingParams(temperature=1.0, max_new_tokens=8))
-        m.build_engine = lambda: FixedEngine(m.adapter)
+    m = sft_module(ck) if kind == "sft" else grpo_module(ck)
     t = L.Trainer(max_steps=1, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-                  logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  limit_val_batches=0, num_sanity_val_steps=0, callbacks=[DumpGrads(out)])
+                  callbacks=[DumpGrads(out)], **QUIET)
     t.fit(m, dm)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from PIL import Image
-
-    from egm.data.manifest import read_manifest, write_manifest
-    from egm.data.synthetic import make_synthetic
-    from egm.models import Qwen3VLAdapter
-    from egm.models.tiny import tiny_checkpoint
-
-    root = tmp_path_factory.getbasetemp()
-    ck = tiny_checkpoint("qwen3_vl", root / "tiny")
-    paths = make_synthetic(str(root / "syn_ddp"), n_train=4, n_val=1, n_test=1, image_size=64)
-    # uneven trace lengths, so that any 2+2 split gives the ranks different token counts (with
-    # equal counts the plain per-rank mean would pass this test too)
-    samples = [dataclasses.replace(s, reasoning=(s.reasoning or "") + " Checking again." * (5 * k * k))
-               for k, s in enumerate(read_manifest(paths["train"]))]
-    train = str(root / "syn_ddp" / "train_uneven.jsonl")
-    write_manifest(train, samples, relative_to_dir=False)
-    ad = Qwen3VLAdapter(str(ck), max_length=256)
-    tokens = [int((ad.collate_train([{"sample": s, "image": Image.open(s.image).convert("RGB")}])["labels"][..., 1:]
-                   != -100).sum()) for s in samples]
-    assert all(tokens[0] + tokens[k] != sum(tokens) / 2 for k in (1, 2, 3)), tokens
-    return str(ck), train
+def world(tmp_path_factory, qwen_dir):
+    return str(qwen_dir), uneven_world(tmp_path_factory.getbasetemp(), qwen_dir)
 
 
 def _compare(kind: str, world, tmp_path):
@@ -133,10 +65,7 @@ def _compare(kind: str, world, tmp_path):
         run(kind, ck, train, str(tmp_path / "one.pt"), devices=1, batch=4)
     finally:
         torch.set_num_threads(n)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, __file__, kind, ck, train, str(tmp_path / "two.pt"), "2", "2"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
+    launch(__file__, kind, ck, train, str(tmp_path / "two.pt"), "2", "2")
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 10

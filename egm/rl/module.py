@@ -52,6 +52,7 @@ from egm.rl.grpo import Agg, group_advantages, grpo_loss, sampled_token_entropy
 from egm.rl.rollout import HFEngine, Rollout, RolloutEngine, token_logprobs
 from egm.rl.vllm_engine import VLLMSettings
 from egm.sft import GroundingEvalHooks, GroundingValidation
+from egm.strategies import begin_micro_batch, zero3_for_transformers
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        self.zero3_hf = zero3_for_transformers(self._trainer)  # kept alive: transformers holds a weakref
         self.model = self.adapter.load_model()
         disable_dropout(self.model)
         self.model.train()  # from_pretrained returns eval mode; gradient checkpointing needs train mode
@@ -348,7 +350,9 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
             for mb in order.split(mini):
                 normalizer = self._global_normalizer(mask_all[mb])
                 mb_sums: dict[str, float] = defaultdict(float)
-                for mc in mb.split(h.micro_batch_size):
+                micro = mb.split(h.micro_batch_size)
+                for i, mc in enumerate(micro):
+                    begin_micro_batch(self._trainer, last=i == len(micro) - 1)  # DeepSpeed: accumulate
                     logp, ent, comp, mask = self._forward_logp(self.model, ro, mc, True, exact_grad)
                     if h.entropy == "sampled":
                         ent = sampled_token_entropy(logp)
