@@ -103,6 +103,7 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
@@ -119,7 +120,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
         print(f"egm: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         raise SystemExit(2)
-    lightning_cli(argv)
+    # from the command line LightningCLI reads sys.argv itself (passing it as `args` too makes
+    # Lightning warn that it is meant to run from within Python)
+    lightning_cli(None if from_command_line else argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
