@@ -1,4 +1,4 @@
-"""DeepSpeed glue, in one place: a CPU DeepSpeed strategy for tests, and the three points where
+"""DeepSpeed glue, in one place: a CPU DeepSpeed strategy for tests, and the four points where
 EGM's own loops meet DeepSpeed's engine.
 
 Real (GPU) runs use Lightning's ``DeepSpeedStrategy`` unchanged. The modules call only the four
@@ -24,9 +24,9 @@ helpers below, each a no-op without DeepSpeed:
   weights into empty shards (it fails on the first indexed init).
 
 :class:`CPUDeepSpeedStrategy` is for the test suite and CPU smoke runs only (gloo, no GPU): it
-lifts Lightning's three CPU refusals, and uses Lightning / DeepSpeed private API to do so, listed
-in :data:`INTERNALS` and checked by ``tests/test_deepspeed.py`` so that a Lightning upgrade
-that changes them fails there, loudly, instead of silently changing what the CPU tests run.
+lifts Lightning's three CPU refusals. It and :func:`begin_micro_batch` rely on Lightning /
+DeepSpeed private API, listed in :data:`INTERNALS` and checked by ``tests/test_deepspeed.py``, so
+that an upgrade that changes it fails there, loudly, instead of silently changing what runs.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-#: Private API that :class:`CPUDeepSpeedStrategy` re-implements or relies on (Lightning 2.6.6,
-#: DeepSpeed 0.19.8): ``"module:qualname"`` -> source fragments it is expected to contain. A test
+#: Private API that :class:`CPUDeepSpeedStrategy` and :func:`begin_micro_batch` re-implement or
+#: rely on (Lightning 2.6.6, DeepSpeed 0.19.8): ``"module:qualname"`` -> source fragments it is expected to contain. A test
 #: fails when an upgrade changes any of them; then re-read that function and update the override.
 INTERNALS: dict[str, tuple[str, ...]] = {
     "lightning.pytorch.strategies.deepspeed:DeepSpeedStrategy.setup_environment":

@@ -232,7 +232,8 @@ def _undecorated(fn, qualname: str):
 
 def test_cpu_strategy_overrides_match_the_internals_they_replace():
     """The CPU strategy re-implements parts of Lightning's DeepSpeedStrategy and switches off a
-    DeepSpeed op (private API): when an upgrade changes them, this fails and names what to re-read."""
+    DeepSpeed op; ``begin_micro_batch`` repeats what DeepSpeed's engine forward does first (private
+    API): when an upgrade changes them, this fails and names what to re-read."""
     for target, fragments in INTERNALS.items():
         module, _, qualname = target.partition(":")
         obj = importlib.import_module(module)
