@@ -11,12 +11,14 @@ from egm.curation.cache import ReplyCache
 from egm.curation.client import Teacher, TeacherConfig, TeacherError
 from egm.curation.failures import parse_failure_analysis, run_failure_analysis
 from egm.curation.jobs import curate, make_teacher, vanilla_request, verify_descriptions
+from egm.curation.oracle import OracleTeacher, synthetic_description
 from egm.data.manifest import Sample, read_manifest, write_manifest
 from egm.data.selection import Prediction
-from egm.data.synthetic import DIFFICULTIES, VANILLA_DIFFICULTIES, make_synthetic, resolve, sentence_of
-from egm.data.teacher import OracleTeacher, parse_expression, synthetic_description, synthetic_trace
+from egm.data.synthetic import (
+    DIFFICULTIES, VANILLA_DIFFICULTIES, make_synthetic, parse_expression, resolve, sentence_of, synthetic_trace,
+)
 
-ORACLE = "egm.data.teacher:OracleTeacher"
+ORACLE = "egm.curation.oracle:OracleTeacher"
 
 
 def _world(tmp_path, name, difficulties, n=8):

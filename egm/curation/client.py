@@ -5,8 +5,8 @@ Two teachers fit the curation jobs (:mod:`egm.curation.jobs`, :mod:`egm.curation
 * :class:`OpenAITeacher`: any OpenAI-compatible ``/v1/chat/completions`` endpoint (OpenAI,
   vLLM ``serve``, SGLang, LiteLLM, ...). The image goes as a base64 data URL in an ``image_url``
   content part, after the prompt text.
-* :class:`egm.data.teacher.OracleTeacher`, the synthetic world's oracle, which answers from the
-  sample itself (``--teacher_class egm.data.teacher:OracleTeacher``).
+* :class:`egm.curation.oracle.OracleTeacher`, the synthetic world's oracle, which answers from the
+  sample itself (``--teacher_class egm.curation.oracle:OracleTeacher``).
 
 Both implement :class:`Teacher`: a ``model`` string (part of the cache key) and
 ``complete(request) -> Reply``. ``complete`` raises :class:`TeacherError` when no reply came back

@@ -24,9 +24,10 @@ from egm.curation.cache import ReplyCache
 from egm.curation.client import Teacher, TeacherConfig, TeacherError, TeacherRequest, UsageMeter
 from egm.curation.draw import GREEN, RED, Overlay
 from egm.curation.jobs import make_teacher, run_requests
-from egm.curation.prompts import FAILURE_ANALYSIS, PromptTemplate, format_box, to_rel999
+from egm.curation.prompts import FAILURE_ANALYSIS, PromptTemplate, format_box
 from egm.data.manifest import Sample, read_manifest, write_manifest
 from egm.data.selection import Prediction, read_predictions
+from egm.geometry import to_rel999
 
 CATEGORIES = ("COMPLEX_PROMPT", "AMBIGUOUS_IMAGE", "SMALL_OBJECT", "GT_ERROR", "OTHER")
 CONFIDENCES = ("high", "medium", "low")
@@ -229,7 +230,7 @@ def analyze_failures(
         name: the analysed model's name (cache key part and first row); default the file stem.
         teacher: OpenAI-compatible endpoint, limits and prices (env vars fill model/url/key).
         teacher_class: ``module:callable`` building another Teacher, e.g. the synthetic oracle
-            ``egm.data.teacher:OracleTeacher`` (then ``teacher`` is unused).
+            ``egm.curation.oracle:OracleTeacher`` (then ``teacher`` is unused).
         cache: reply cache (JSONL); default ``<output folder>/teacher_cache.jsonl``.
         concurrency: requests in flight.
         progress: show a progress bar.

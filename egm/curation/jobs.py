@@ -7,7 +7,7 @@
 * :func:`verify_descriptions` (Fig. 10): amodal box drawn in red and labelled TARGET -> YES keeps
   the sample, NO drops it (the paper drops about half): the dataset D_T.
 * :func:`amodal_reasoning` (Fig. 11): modal box red, amodal box green, expansion directions and
-  amounts computed from the two boxes (:func:`egm.curation.prompts.expansion`) -> ``reasoning``
+  amounts computed from the two boxes (:func:`egm.geometry.expansion`) -> ``reasoning``
   (the dataset D_A).
 
 Every job takes any :class:`~egm.curation.client.Teacher` (the API client or the synthetic
@@ -43,11 +43,10 @@ from egm.curation.prompts import (
     AMODAL_VERIFICATION,
     VANILLA_REASONING,
     PromptTemplate,
-    expansion,
     format_box,
-    to_rel999,
 )
 from egm.data.manifest import Sample, read_manifest, write_manifest
+from egm.geometry import expansion, to_rel999
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +387,7 @@ def curate(
         job: ``vanilla`` (Fig. 8), ``amodal`` (Figs. 9 -> 10 -> 11), or one amodal step alone.
         teacher: OpenAI-compatible endpoint, limits and prices (env vars fill model/url/key).
         teacher_class: ``module:callable`` building another Teacher, e.g. the synthetic oracle
-            ``egm.data.teacher:OracleTeacher`` (then ``teacher`` is unused).
+            ``egm.curation.oracle:OracleTeacher`` (then ``teacher`` is unused).
         cache: reply cache (JSONL); default ``<output folder>/teacher_cache.jsonl``. Reruns reuse it.
         concurrency: requests in flight; also the most a kill can make a rerun pay for twice.
         limit: only the first ``limit`` samples (try a prompt on a few before paying for all).

@@ -1,20 +1,11 @@
-"""Oracle teacher: Fig. 11 extension vocabulary and short synthetic traces."""
+"""The synthetic world's reasoning traces: Fig. 11 guidance from boxes, short grounded synthetic traces."""
 
 import pytest
 
 from egm.data.manifest import Sample
 from egm.data.synthetic import DIFFICULTIES, make_scene, sample_rng, scene_sample
-from egm.data.teacher import (
-    GUIDANCE_TERMS, amodal_guidance, amodal_trace, extent_word, guidance_text, location_phrase, synthetic_trace,
-)
-
-
-@pytest.mark.parametrize("ratio,word", [(0.05, "slightly"), (0.1, "a bit"), (0.2, "a bit"), (0.25, "moderately"),
-                                        (0.4, "moderately"), (0.6, "considerably"), (1.0, "significantly"),
-                                        (3.0, "significantly")])
-def test_extent_words(ratio, word):
-    assert extent_word(ratio) == word
-    assert [w for _, w in GUIDANCE_TERMS] == ["slightly", "a bit", "moderately", "considerably", "significantly"]
+from egm.data.synthetic.traces import amodal_guidance, amodal_trace, guidance_text, location_phrase, synthetic_trace
+from egm.geometry import AMOUNT_TERMS, expansion
 
 
 def test_guidance_from_boxes():
@@ -52,7 +43,7 @@ def test_synthetic_traces_are_short_and_grounded():
                 occ = s.meta["objects"][s.meta["occluder"]]
                 assert f"hidden by the {occ['colour']} {occ['shape']}" in s.reasoning
                 assert guidance_text(amodal_guidance(s.visible_box, s.box)) in s.reasoning
-                assert any(w in s.reasoning for _, w in GUIDANCE_TERMS)
+                assert any(w in s.reasoning for _, w in AMOUNT_TERMS)
             if d == "ordinal":
                 assert f"counting from the {s.meta['expression']['direction']}" in s.reasoning
             if d == "relation":
@@ -73,8 +64,6 @@ def test_amodal_trace_for_real_samples():
 
 def test_guidance_is_the_curation_prompts_rule():
     """One Fig. 11 rule: the oracle's words are those of the teacher prompt's ``{guidance_str}``."""
-    from egm.curation.prompts import expansion
-
     for vis, am in [([10, 10, 50, 50], [0, 4, 50, 90]), ([5, 5, 10, 10], [0, 0, 12, 10]), ([0, 0, 40, 40], [0, 0, 41, 60])]:
         e, g = expansion(vis, am), amodal_guidance(vis, am)
         assert [(d, r) for d, _, r in g] == [(d, e.ratios[d]) for d in e.directions]
@@ -85,6 +74,6 @@ def test_data_layer_imports_without_openai():
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['openai'] = None; import egm.data.teacher, egm.data.synthetic; "
-            "from egm.data.teacher import OracleTeacher; from egm.curation.jobs import vanilla_request")
+    code = ("import sys; sys.modules['openai'] = None; import egm.data.synthetic; "
+            "from egm.curation.oracle import OracleTeacher; from egm.curation.jobs import vanilla_request")
     subprocess.run([sys.executable, "-c", code], check=True)

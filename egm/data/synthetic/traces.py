@@ -1,0 +1,120 @@
+"""Reasoning traces in the paper's style, computed from ground truth (the oracle's words).
+
+Paper Sec. 4.1 has GPT-4 write, for vanilla grounding, *which feature singles the target out
+among similar candidates* (appendix B Fig. 8: "1-2 sentences") and, for amodal grounding, also
+1) what occludes the target, 2) its complete shape, 3) in which direction(s) and how much to
+extend the visible part, using the words of Fig. 11 ("slightly", "a bit", "moderately",
+"considerably", "significantly"). For the synthetic world the scene is known exactly, so the
+trace is a deterministic function of ``Sample.meta`` (no API calls); traces are kept to one or
+two sentences (~15-40 words) so that a few-M-parameter model can learn them.
+
+:func:`amodal_guidance` works on any pair of boxes (the Fig. 11 rule of
+:func:`egm.geometry.expansion`), so :func:`amodal_trace` also serves COCO-Amodal / TAO-Amodal
+samples. The curation oracle (:class:`egm.curation.oracle.OracleTeacher`) answers with these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from egm.data.manifest import Sample
+from egm.data.synthetic.expressions import resolve
+from egm.data.synthetic.world import ORDINALS
+from egm.geometry import MIN_PIXELS, MIN_RATIO, amount_term, expansion
+
+DIRECTION_WORDS = {"left": "to the left", "right": "to the right", "up": "upward", "down": "downward"}
+_NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+_LOCATIONS = {
+    ("top", "left"): "at the top left", ("top", "center"): "at the top", ("top", "right"): "at the top right",
+    ("middle", "left"): "on the left", ("middle", "center"): "in the center", ("middle", "right"): "on the right",
+    ("bottom", "left"): "at the bottom left", ("bottom", "center"): "at the bottom",
+    ("bottom", "right"): "at the bottom right",
+}
+
+
+def amodal_guidance(
+    visible_box: Sequence[float],
+    amodal_box: Sequence[float],
+    min_ratio: float = MIN_RATIO,
+    min_pixels: float = MIN_PIXELS,
+) -> list[tuple[str, str, float]]:
+    """Directions in which the visible box must grow to reach the amodal box.
+
+    Returns ``[(direction, word, ratio), ...]`` in the order left, right, up, down, where
+    ``ratio`` is the extension on that side divided by the visible width (left/right) or height
+    (up/down); an empty visible extent gives ``inf`` ("significantly"). The same directions and
+    words as Fig. 11's ``{guidance_str}`` (:func:`egm.geometry.expansion`).
+    """
+    e = expansion(visible_box, amodal_box, min_ratio=min_ratio, min_pixels=min_pixels)
+    return [(d, amount_term(e.ratios[d]), e.ratios[d]) for d in e.directions]
+
+
+def guidance_text(guidance: list[tuple[str, str, float]]) -> str:
+    """``"moderately to the right and slightly downward"``, largest extension first."""
+    parts = [f"{word} {DIRECTION_WORDS[d]}" for d, word, _ in sorted(guidance, key=lambda g: -g[2])]
+    if not parts:
+        return "only slightly, if at all"
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def location_phrase(box: Sequence[float], width: float, height: float) -> str:
+    """Coarse 3x3 location of a box centre: ``"at the top left"``, ``"in the center"``, ..."""
+    cx, cy = (box[0] + box[2]) / 2 / width, (box[1] + box[3]) / 2 / height
+    col = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "center"
+    row = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else "middle"
+    return _LOCATIONS[(row, col)]
+
+
+def _n(k: int) -> str:
+    return _NUMBERS.get(k, str(k))
+
+
+def _desc(o: dict) -> str:
+    return f"{o['colour']} {o['shape']}"
+
+
+def synthetic_trace(sample: Sample) -> str:
+    """Reasoning trace of a synthetic-world sample (needs the ``meta`` the generator writes)."""
+    m = sample.meta
+    objs, t, expr = m["objects"], m["target"], m["expression"]
+    W, H = sample.width, sample.height
+    target = objs[t]
+    loc = location_phrase(sample.visible_box if sample.task == "amodal" else sample.box, W, H)
+    same_shape = [o for o in objs if o["shape"] == expr["shape"]]
+    k, shape = len(same_shape), expr["shape"]
+    d = m["difficulty"]
+    if d == "plain":
+        others = sorted({o["shape"] + "s" for o in objs if o["shape"] != shape})
+        return (f"The other objects are {' and '.join(others)}, and there is only one {shape}, "
+                f"{loc}, so it is the target.")
+    if d == "attribute":
+        attr = expr.get("colour") or expr.get("size")
+        return f"There are {_n(k)} {shape}s; only one of them is {attr}, the one {loc}, so it is the target."
+    if d == "ordinal":
+        return (f"There are {_n(k)} identical {shape}s; counting from the {expr['direction']}, the "
+                f"{ORDINALS[expr['ordinal'] - 1]} one is {loc}, so it is the target.")
+    if d == "relation":
+        a = resolve(expr["anchor"], objs)[0]
+        aloc = location_phrase(objs[a]["box"], W, H)
+        return (f"The {_desc(objs[a])} is {aloc}. Of the {_n(k)} {shape}s, only the one {loc} is "
+                f"{expr['relation']} it, so it is the target.")
+    if d == "amodal":
+        occ = objs[m["occluder"]]
+        g = guidance_text(amodal_guidance(sample.visible_box, sample.box))
+        return (f"The {_desc(target)} {loc} is partly hidden by the {_desc(occ)} on top of it. "
+                f"Its full shape is a whole {shape}, so extend the visible part {g}.")
+    raise ValueError(f"sample {sample.id}: unknown difficulty {d!r}")
+
+
+def amodal_trace(sample: Sample, occluder: str | None = None) -> str:
+    """Template trace for a real amodal sample (COCO-Amodal / TAO-Amodal) without a VLM teacher.
+
+    Only the extension part is known from the boxes; ``occluder`` names the occluding object if
+    known. A fully invisible target (empty visible box) gets no extension advice.
+    """
+    if sample.visible_box is None or sample.visible_box[2] <= sample.visible_box[0]:
+        return f"The {sample.category or 'object'} is hidden; its full extent must be inferred from the scene."
+    name = sample.category or "object"
+    by = f" by the {occluder}" if occluder else ""
+    g = guidance_text(amodal_guidance(sample.visible_box, sample.box))
+    return f"The {name} is partly hidden{by}. To recover the complete {name}, extend the visible part {g}."
