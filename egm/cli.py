@@ -39,9 +39,9 @@ register_tool("make-synthetic", "egm.data.synthetic:make_synthetic", "render the
 register_tool("import-refer", "egm.data.refer:import_refer", "RefCOCO/+/g (REFER layout) -> JSONL manifests")
 register_tool("import-cocoa", "egm.data.cocoa:import_cocoa", "COCO-Amodal annotations -> JSONL manifest")
 register_tool("import-tao-amodal", "egm.data.tao_amodal:import_tao_amodal", "TAO-Amodal annotations -> JSONL manifest")
-register_tool("evaluate", "egm.eval.hf:evaluate_checkpoint", "accuracy, mean IoU, parse failures and latency of a checkpoint")
+register_tool("evaluate", "egm.eval.checkpoint:evaluate_checkpoint", "accuracy, mean IoU, parse failures and latency of a checkpoint")
 register_tool("curate", "egm.curation.jobs:curate", "teacher-VLM reasoning / amodal descriptions for SFT (Sec. 4.1, Figs. 8-11)")
-register_tool("select-rl-data", "egm.data.selection:select_rl_data", "learnability-based RL subset (Sec. 4.2)")
+register_tool("select-rl-data", "egm.curation.selection:select_rl_data", "learnability-based RL subset (Sec. 4.2)")
 register_tool("analyze-failures", "egm.curation.failures:analyze_failures", "categorise grounding failures with a teacher (Sec. 3, Fig. 13, Table 1)")
 register_tool("report", "egm.eval.report:make_report", "Table 3/4-style tables and figures from results.json files")
 

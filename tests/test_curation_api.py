@@ -27,8 +27,8 @@ from egm.curation.client import OpenAITeacher, TeacherConfig
 from egm.curation.draw import GREEN, RED, from_data_url
 from egm.curation.failures import run_failure_analysis
 from egm.curation.jobs import amodal_pipeline, curate, vanilla_reasoning
+from egm.curation.selection import read_predictions
 from egm.data.manifest import Sample, read_manifest, write_manifest
-from egm.data.selection import read_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 W, H = 80, 60

@@ -16,8 +16,8 @@ from egm.curation.failures import (
     parse_failure_analysis,
     summary_markdown,
 )
+from egm.curation.selection import Prediction
 from egm.data.manifest import Sample, read_manifest, write_manifest
-from egm.data.selection import Prediction
 
 GOOD = [
     ("<category> [COMPLEX_PROMPT] </category>\n<reasoning> [The prompt uses an ordinal.] </reasoning>\n<confidence> [high] </confidence>",

@@ -12,8 +12,8 @@ from egm.curation.client import Teacher, TeacherConfig, TeacherError
 from egm.curation.failures import parse_failure_analysis, run_failure_analysis
 from egm.curation.jobs import curate, make_teacher, vanilla_request, verify_descriptions
 from egm.curation.oracle import OracleTeacher, synthetic_description
+from egm.curation.selection import Prediction
 from egm.data.manifest import Sample, read_manifest, write_manifest
-from egm.data.selection import Prediction
 from egm.data.synthetic import (
     DIFFICULTIES, VANILLA_DIFFICULTIES, make_synthetic, parse_expression, resolve, sentence_of, synthetic_trace,
 )

@@ -25,8 +25,8 @@ from egm.curation.client import Teacher, TeacherConfig, TeacherError, TeacherReq
 from egm.curation.draw import GREEN, RED, Overlay
 from egm.curation.jobs import make_teacher, run_requests
 from egm.curation.prompts import FAILURE_ANALYSIS, PromptTemplate, format_box
+from egm.curation.selection import Prediction, read_predictions
 from egm.data.manifest import Sample, read_manifest, write_manifest
-from egm.data.selection import Prediction, read_predictions
 from egm.geometry import to_rel999
 
 CATEGORIES = ("COMPLEX_PROMPT", "AMBIGUOUS_IMAGE", "SMALL_OBJECT", "GT_ERROR", "OTHER")

@@ -31,6 +31,7 @@ from typing import Any
 
 from egm.boxes import success
 from egm.data.manifest import ManifestError, Sample, read_manifest, write_manifest
+from egm.eval.predictions import scan_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,6 @@ def read_predictions(path: str | os.PathLike) -> dict[str, Prediction]:
     The evaluator appends record by record, so a killed evaluation may leave a partial last line
     (no trailing newline): it is ignored. ``iou: null`` (no box, image error) reads as 0.
     """
-    from egm.eval.predictions import scan_jsonl  # the evaluator's own reader of these files
-
     path = Path(path)
     out: dict[str, Prediction] = {}
     for n, obj in scan_jsonl(path)[0]:
