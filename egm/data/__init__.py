@@ -1,5 +1,5 @@
 """EGM data layer: the JSONL manifest, importers (REFER, COCO-Amodal, TAO-Amodal), the synthetic
-grounding world with its oracle teacher, and the LightningDataModule.
+grounding world with its reasoning traces (:mod:`egm.data.synthetic`), and the LightningDataModule.
 
 The datamodule names are imported lazily so that importers and tools do not pay for Lightning.
 """

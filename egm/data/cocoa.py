@@ -38,16 +38,8 @@ from typing import Any
 from pycocotools import mask as mask_utils
 
 from egm.boxes import xywh_to_xyxy
-from egm.data.manifest import (
-    AMODAL_MAX_OUTSIDE,
-    ManifestError,
-    Sample,
-    decode_json,
-    finite_number,
-    images_by_id,
-    read_json,
-    write_manifest,
-)
+from egm.data.importing import import_annotations
+from egm.data.manifest import AMODAL_MAX_OUTSIDE, ManifestError, Sample, finite_number, images_by_id
 
 
 def polygon_box(segmentation: list[float], height: int, width: int) -> list[float]:
@@ -259,29 +251,6 @@ def cocoa_samples(
     return out
 
 
-def load_descriptions(path: str | os.PathLike | None) -> dict[str, str]:
-    """Curated descriptions: a JSON object ``{sample_id: sentence}`` or JSONL of ``{"id", "sentence"}``."""
-    if path is None:
-        return {}
-    raw = Path(path).read_bytes()
-    try:
-        whole = decode_json(raw, path)
-    except ManifestError:
-        whole = None
-    if isinstance(whole, dict) and not ("id" in whole and "sentence" in whole):
-        return {str(k): str(v) for k, v in whole.items()}
-    out = {}
-    for n, line in enumerate(raw.splitlines(), start=1):
-        if line.strip():
-            obj = decode_json(line, path, n)
-            if not isinstance(obj, dict):
-                raise ManifestError(path, n, None, f"expected a JSON object, got {type(obj).__name__}")
-            if "id" not in obj or "sentence" not in obj:
-                raise ManifestError(path, n, "id" if "id" not in obj else "sentence", "missing")
-            out[obj["id"]] = obj["sentence"]
-    return out
-
-
 def import_cocoa(
     annotation_json: str,
     image_dir: str,
@@ -293,12 +262,5 @@ def import_cocoa(
     only_described: bool = False,
 ) -> dict[str, int]:
     """Import one COCO-Amodal json into the manifest ``out``; returns the counts (kept/skipped)."""
-    data = read_json(annotation_json)
-    counts: Counter = Counter()
-    samples = cocoa_samples(
-        data, image_dir=image_dir, split=split, descriptions=load_descriptions(descriptions),
-        keep_invisible=keep_invisible, include_stuff=include_stuff, only_described=only_described,
-        path=annotation_json, counts=counts,
-    )
-    write_manifest(out, samples)
-    return dict(counts)
+    return import_annotations(cocoa_samples, annotation_json, out, descriptions, image_dir=image_dir, split=split,
+                              keep_invisible=keep_invisible, include_stuff=include_stuff, only_described=only_described)

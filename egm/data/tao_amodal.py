@@ -36,16 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from egm.boxes import clip_xyxy, iou
-from egm.data.cocoa import load_descriptions
-from egm.data.manifest import (
-    AMODAL_MAX_OUTSIDE,
-    ManifestError,
-    Sample,
-    finite_number,
-    images_by_id,
-    read_json,
-    write_manifest,
-)
+from egm.data.importing import import_annotations
+from egm.data.manifest import AMODAL_MAX_OUTSIDE, ManifestError, Sample, finite_number, images_by_id
 
 
 def _nonempty(b) -> bool:
@@ -191,12 +183,5 @@ def import_tao_amodal(
     only_described: bool = False,
 ) -> dict[str, int]:
     """Import one TAO-Amodal json into the manifest ``out``; returns the counts (kept/skipped)."""
-    data = read_json(annotation_json)
-    counts: Counter = Counter()
-    samples = tao_amodal_samples(
-        data, image_dir=image_dir, split=split, descriptions=load_descriptions(descriptions),
-        keep_invisible=keep_invisible, max_visibility=max_visibility, only_described=only_described,
-        path=annotation_json, counts=counts,
-    )
-    write_manifest(out, samples)
-    return dict(counts)
+    return import_annotations(tao_amodal_samples, annotation_json, out, descriptions, image_dir=image_dir, split=split,
+                              keep_invisible=keep_invisible, max_visibility=max_visibility, only_described=only_described)
