@@ -32,6 +32,7 @@ attached the module.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 from collections import Counter
@@ -46,6 +47,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from egm.config_checks import DATAMODULE_RULES, check_ranges
 from egm.data.manifest import Sample, read_manifest
+
+log = logging.getLogger(__name__)
 
 Example = dict[str, Any]
 
@@ -332,7 +335,7 @@ class GroundingDataModule(L.LightningDataModule):
                         f"(set skip_bad_images=True to skip and count such samples)"
                     )
             if self.skipped[name]:
-                print(f"[GroundingDataModule] {name}: skipped {self.skipped[name]} samples with bad images ({path})")
+                log.warning("%s: skipped %d samples with bad images (%s)", name, self.skipped[name], path)
             samples = good
         return GroundingDataset(samples, name=name)
 
@@ -405,42 +408,7 @@ class GroundingDataModule(L.LightningDataModule):
         return self.test_dataloader() if self.test_paths else self.val_dataloader()
 
     def split_name(self, stage: str, dataloader_idx: int = 0) -> str:
-        """Name of the val/test split behind Lightning's ``dataloader_idx``."""
+        """Name of the val/test/predict split behind Lightning's ``dataloader_idx`` (the one mapping)."""
+        if stage == "predict":  # as predict_dataloader: the test splits, else the val splits
+            stage = "test" if self.test_paths else "val"
         return (self.val_names if stage in ("val", "validate", "validation") else self.test_names)[dataloader_idx]
-
-
-def bench_loader(
-    train: str | None = None,
-    synthetic_dir: str = "runs/bench_data",
-    n_train: int = 2000,
-    batch_size: int = 16,
-    num_workers: int = 0,
-    epochs: int = 2,
-) -> dict[str, float]:
-    """Loader throughput: samples/s of PIL open + decode + default (list) collate.
-
-    Without ``train`` the synthetic world is generated first (idempotent) into ``synthetic_dir``.
-    Epoch 0 includes worker start-up; the reported rate is the best epoch.
-    """
-    import time
-
-    if train is None:
-        from egm.data.synthetic import make_synthetic
-
-        train = make_synthetic(synthetic_dir, n_train=n_train, n_val=50, n_test=50)["train"]
-    t0 = time.perf_counter()
-    dm = GroundingDataModule(train=train, batch_size=batch_size, num_workers=num_workers)
-    dm.setup("fit")
-    setup_s = time.perf_counter() - t0
-    loader = dm.train_dataloader()
-    rates = []
-    for epoch in range(epochs):
-        loader.sampler.set_epoch(epoch)
-        t0, n = time.perf_counter(), 0
-        for batch in loader:
-            n += len(batch)
-        rates.append(n / (time.perf_counter() - t0))
-    out = {"samples": float(len(loader.sampler)), "setup_s": setup_s, "samples_per_s": max(rates)}
-    print(f"[bench_data] {train}: {int(out['samples'])} samples, setup (image checks) {setup_s:.2f}s, "
-          f"loader {out['samples_per_s']:.0f} samples/s (batch {batch_size}, workers {num_workers})")
-    return out
