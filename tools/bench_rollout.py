@@ -50,11 +50,11 @@ def _median_time(fn, repeat: int):
 
 
 def bench_engines(family: str, root: str, repeat: int) -> None:
-    from egm.generation import SamplingParams
+    from egm.generation.sampling import SamplingParams
     from egm.models import ADAPTERS
     from egm.models.tiny import tiny_checkpoint
-    from egm.rl.rollout import HFEngine
-    from egm.rl.vllm_engine import VLLMEngine
+    from egm.generation.hf import HFEngine
+    from egm.generation.vllm import VLLMEngine
 
     ad = ADAPTERS[family](str(tiny_checkpoint(family, root)))
     hf = HFEngine(ad, ad.load_model())
@@ -77,11 +77,11 @@ def bench_grpo_step(family: str, root: str, steps: int) -> None:
 
     from egm.data.datamodule import GroundingDataModule
     from egm.data.synthetic import make_synthetic
-    from egm.generation import SamplingParams
+    from egm.generation.sampling import SamplingParams
     from egm.models import ADAPTERS
     from egm.models.tiny import tiny_checkpoint
     from egm.rl.module import GRPOModule
-    from egm.rl.vllm_engine import VLLMSettings
+    from egm.generation.vllm import VLLMSettings
 
     paths = make_synthetic(os.path.join(root, "syn"), n_train=64, n_val=2, n_test=2, image_size=128)
     ck = str(tiny_checkpoint(family, root))
