@@ -1,7 +1,7 @@
 """vLLM itself (the CPU build, fp32, in-process) against Hugging Face ``generate``, both families.
 
 Nothing here is mocked: each test starts a real ``vllm.LLM`` on a tiny checkpoint. The reference
-is always the HF model the trainer holds, decoded greedily by :class:`egm.rl.rollout.HFEngine`
+is always the HF model the trainer holds, decoded greedily by :class:`egm.generation.hf.HFEngine`
 (which suppresses the same placeholder tokens). ``make test`` installs vLLM, so a missing vLLM
 is an import error here, never a skip.
 """
@@ -26,13 +26,13 @@ from egm import cli
 from egm.data.datamodule import GroundingDataModule
 from egm.data.manifest import read_manifest
 from egm.data.synthetic import make_synthetic
-from egm.generation import SamplingParams
+from egm.generation.sampling import SamplingParams
 from egm.models import ADAPTERS
 from egm.models.base import LoraSettings
 from egm.reward import grounding_reward
 from egm.rl.module import GRPOModule
-from egm.rl.rollout import HFEngine
-from egm.rl.vllm_engine import VLLMEngine, VLLMSettings, sample_seeds
+from egm.generation.hf import HFEngine
+from egm.generation.vllm import VLLMEngine, VLLMSettings, sample_seeds
 
 FAMILIES = ["qwen3_vl", "internvl"]
 GREEDY = SamplingParams(max_new_tokens=24)
@@ -61,7 +61,7 @@ def spread_rewards(monkeypatch):
     """A random tiny model never parses: distinct rewards per sample so advantages, and the update, are non-zero."""
     rng = np.random.default_rng(0)
 
-    def fake(texts, gt_boxes, sizes, family="auto", alpha=0.5):
+    def fake(texts, gt_boxes, sizes, parse=None, alpha=0.5):
         out = grounding_reward([None] * len(texts), gt_boxes, alpha)
         return type(out)(rng.uniform(0, 1, len(texts)), out.iou, out.success, out.parse_ok, out.failures)
 
@@ -69,12 +69,17 @@ def spread_rewards(monkeypatch):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_vllm_greedy_equals_hf_generate(tiny_dirs, world, family):
-    """(a) same prompts and images, greedy: token-for-token equal; greedy n=2 is two equal requests."""
+def test_vllm_greedy_equals_hf_generate(tiny_dirs, world, family, caplog):
+    """(a) same prompts and images, greedy: token-for-token equal; greedy n=2 is two equal requests.
+    Sleep mode, asked for (the settings' default), is switched off on CPU with the reason logged."""
     ad = ADAPTERS[family](str(tiny_dirs[family]))
     exs = _examples(world)
     hf = HFEngine(ad, ad.load_model()).generate(exs, 2, GREEDY)
-    ro = _engine(ad).generate(exs, 2, GREEDY)
+    assert CPU_VLLM.enable_sleep_mode
+    with caplog.at_level("INFO"):
+        eng = _engine(ad)
+    assert not eng.enable_sleep_mode and "sleep mode off" in caplog.text
+    ro = eng.generate(exs, 2, GREEDY)
     assert ro.completion_ids.tolist() == hf.completion_ids.tolist()
     assert ro.texts == hf.texts and ro.lengths.tolist() == hf.lengths.tolist()
     assert torch.equal(ro.completion_ids[0::2], ro.completion_ids[1::2])  # n=2 greedy: identical pairs
@@ -201,7 +206,7 @@ def test_evaluate_with_vllm_matches_hf(tiny_dirs, world, tmp_path):
     """(e) ``egm evaluate --engine vllm`` and ``--engine hf``: the same answers, hence the same metrics."""
     import json
 
-    from egm.eval.hf import evaluate_checkpoint
+    from egm.eval.checkpoint import evaluate_checkpoint
 
     ck = str(tiny_dirs["internvl"])
     res = {}
