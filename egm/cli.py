@@ -6,15 +6,20 @@ as ``--model.lr 3e-6``, ``--print_config``, ``class_path`` subclass selection): 
 
 The other subcommands (``egm demo``, ``egm make-tiny``, ...) are plain type-hinted functions
 exposed through jsonargparse, so they get the same ``--config``/``--print_config`` handling.
-They are registered below by dotted path and imported only when called: ``egm --help`` and a
-tool's ``--help`` never import torch, Lightning, vLLM or DeepSpeed.
+They are registered below by dotted path, or by the path of a script of the source checkout
+(``tools/demo.py``: the demo is no part of the library), and imported only when called:
+``egm --help`` and a tool's ``--help`` never import torch, Lightning, vLLM or DeepSpeed. A tool's
+log messages (``egm.*`` loggers, INFO and up) go to stderr.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 LIGHTNING_COMMANDS = {
     "fit": "train a model (SFT or GRPO, chosen by the config's model.class_path)",
@@ -25,15 +30,17 @@ LIGHTNING_COMMANDS = {
 
 # name -> ("module:function", one-line help). The function's signature is the command's schema.
 TOOL_COMMANDS: dict[str, tuple[str, str]] = {}
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the source checkout holding tools/ and configs/
 
 
 def register_tool(name: str, target: str, help: str) -> None:
-    """Add an ``egm <name>`` subcommand that calls ``module:function`` via jsonargparse."""
+    """Add an ``egm <name>`` subcommand that calls ``module:function`` (or ``script.py:function``,
+    a path under :data:`REPO_ROOT`) via jsonargparse."""
     TOOL_COMMANDS[name] = (target, help)
 
 
-register_tool("demo", "egm.demo:demo", "the CPU demo: tiny Qwen3-VL + synthetic world, SFT, before/after table")
-register_tool("demo-rl", "egm.demo:demo_rl", "the CPU demo's GRPO stage on top of the SFT demo's export, before/after table")
+register_tool("demo", "tools/demo.py:demo", "the CPU demo: tiny Qwen3-VL + synthetic world, SFT, before/after table")
+register_tool("demo-rl", "tools/demo.py:demo_rl", "the CPU demo's GRPO stage on top of the SFT demo's export, before/after table")
 register_tool("make-tiny", "egm.models.tiny:make_tiny", "write a tiny random Qwen3-VL / InternVL checkpoint folder")
 register_tool("make-synthetic", "egm.data.synthetic:make_synthetic", "render the synthetic grounding world (images + manifests)")
 register_tool("import-refer", "egm.data.refer:import_refer", "RefCOCO/+/g (REFER layout) -> JSONL manifests")
@@ -68,7 +75,46 @@ def _usage() -> str:
 
 def _resolve(target: str):
     module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return getattr(load_script(module) if module.endswith(".py") else importlib.import_module(module), attr)
+
+
+def load_script(relpath: str):
+    """A script of the source checkout (``tools/demo.py``) as a module, loaded once."""
+    path = REPO_ROOT / relpath
+    name = relpath.removesuffix(".py").replace("/", ".")
+    if name in sys.modules:
+        return sys.modules[name]
+    if not path.is_file():
+        raise SystemExit(f"egm: {relpath} not found under {REPO_ROOT}: this command runs from a source checkout")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before running it: dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler on whatever ``sys.stderr`` is when a record comes (tests swap it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns one; sys.stderr is read per record
+        pass
+
+
+def _log_to_stderr() -> None:
+    """Show the ``egm.*`` loggers' INFO and up on stderr, once per process."""
+    logger = logging.getLogger("egm")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+        logger.setLevel(logging.INFO)
 
 
 def run_tool(name: str, args: Sequence[str]):
@@ -111,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv[0] in TOOL_COMMANDS:
         from egm.data.manifest import ManifestError
 
+        _log_to_stderr()
         try:
             run_tool(argv[0], argv[1:])
         except ManifestError as e:  # bad input data: one line naming file, record and field

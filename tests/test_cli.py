@@ -1,3 +1,4 @@
+import logging
 import os
 import subprocess
 import sys
@@ -10,6 +11,15 @@ from egm import cli
 
 HERE = Path(__file__).resolve().parent
 ENV = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+@pytest.fixture(autouse=True)
+def _restore_egm_logger():
+    """`cli.main` on a tool attaches a stderr handler to the `egm` logger: undo it after each test."""
+    logger = logging.getLogger("egm")
+    handlers, level = list(logger.handlers), logger.level
+    yield
+    logger.handlers[:], logger.level = handlers, level
 
 
 def _egm(*args, timeout=180):
@@ -79,3 +89,23 @@ def test_tool_command_goes_through_jsonargparse(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_resolve", lambda target: fake_tool)
     cli.main(["fake", "--out_dir", "x", "--seed", "7"])
     assert seen == {"out_dir": "x", "seed": 7}
+
+
+def test_demo_commands_run_the_repository_script():
+    """`egm demo` / `egm demo-rl` are tools/demo.py's functions (the demo is no library module)."""
+    demo = cli.load_script("tools/demo.py")
+    assert cli._resolve(cli.TOOL_COMMANDS["demo"][0]) is demo.demo
+    assert cli._resolve(cli.TOOL_COMMANDS["demo-rl"][0]) is demo.demo_rl
+    assert cli.load_script("tools/demo.py") is demo  # loaded once
+    r = _egm("demo-rl", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "--max_steps" in r.stdout and "--n_eval" in r.stdout
+    with pytest.raises(SystemExit, match="tools/nothing.py not found under .*source checkout"):
+        cli.load_script("tools/nothing.py")
+
+
+def test_tool_logs_reach_stderr(tmp_path, capsys):
+    """What a tool used to print (here make-synthetic's summary) is logged to stderr instead."""
+    cli.main(["make-synthetic", "--out_dir", str(tmp_path), "--n_train", "2", "--n_val", "1", "--n_test", "1"])
+    err = capsys.readouterr().err
+    assert "INFO: make_synthetic: wrote 4 samples to" in err

@@ -1,11 +1,14 @@
-"""`make demo` end to end on a miniature world: every step runs and writes what the README says."""
+"""`make demo` (tools/demo.py) end to end on a miniature world: every step runs and writes what the README says."""
 
 import json
 
 import pytest
 
-from egm.demo import demo, demo_rl, mean_box_baseline
+from egm.cli import load_script
 from egm.data.manifest import Sample, read_manifest
+
+DEMO = load_script("tools/demo.py")  # what `egm demo` / `egm demo-rl` run
+demo, demo_rl, mean_box_baseline = DEMO.demo, DEMO.demo_rl, DEMO.mean_box_baseline
 
 
 def _s(box, w=100, h=100):

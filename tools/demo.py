@@ -1,5 +1,9 @@
 """The CPU demo behind ``make demo`` / ``egm demo``: the whole SFT pipeline, learning, in minutes.
 
+A script of the source checkout, like the ``configs/demo_*.yaml`` recipes it runs, not part of the
+library: ``egm demo`` and ``egm demo-rl`` load it from ``tools/`` (see :mod:`egm.cli`), and
+``python tools/demo.py [demo|demo_rl] --help`` runs it directly.
+
 Steps (each skipped when its output already exists, so a rerun is cheap):
 
 1. write a tiny random Qwen3-VL checkpoint (``egm make-tiny``) and the synthetic grounding world
@@ -215,3 +219,9 @@ def _validate(trainer, model, dm) -> dict[str, float]:
     for d in trainer.validate(model, datamodule=dm, verbose=False):
         out.update({k: float(v) for k, v in d.items()})
     return out
+
+
+if __name__ == "__main__":
+    from jsonargparse import auto_cli
+
+    auto_cli([demo, demo_rl], as_positional=False)

@@ -18,6 +18,7 @@ importer at a pickle from an unknown source.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from collections import defaultdict
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from egm.data.manifest import ManifestError, Sample, finite_number, images_by_id, read_json, write_manifest
+
+log = logging.getLogger(__name__)
 
 # The eight standard eval splits of paper Table 3 with their real sizes
 # (tensorflow_datasets refcoco card; refs(unc).p conversion scripts; Ref-L4 totals).
@@ -211,7 +214,7 @@ def import_refer(
     imported = []
     for dataset, split_by in pairs:
         if not (Path(data_root) / dataset / f"refs({split_by}).p").is_file():
-            print(f"[import_refer] skip {dataset}/{split_by}: refs({split_by}).p not found under {data_root}")
+            log.warning("import_refer: skip %s/%s: refs(%s).p not found under %s", dataset, split_by, split_by, data_root)
             continue
         for s in load_refer(data_root, dataset, split_by, image_dir):
             by_split[s.split].append(s)
