@@ -6,18 +6,23 @@
 * :class:`WandbPredictionTable` -- after validation, a ``wandb.Table`` of sample predictions
   (image with ground-truth and predicted boxes as W&B box overlays, expression, reasoning,
   answer, IoU, reward) and IoU / reward histograms; during GRPO, histograms of the rollout rewards
-  and advantages. It reads what :class:`egm.sft.GroundingValidation` kept (``last_records``) and
-  ``GRPOModule.last_stats``, and does nothing unless a ``WandbLogger`` is attached.
+  and advantages. It reads the :class:`egm.scoring.Prediction` records that
+  :class:`egm.validation.GroundingValidation` kept (``last_records``) and ``GRPOModule.last_stats``,
+  and does nothing unless a ``WandbLogger`` is attached. The reward column is Eq. 8 (:func:`egm.reward.eq8`).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any
 
+import numpy as np
 import torch
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+from egm.reward import eq8
+from egm.scoring import Prediction
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +40,24 @@ class RNGStateCheckpoint(Callback):
 
     @staticmethod
     def _collect() -> dict[str, Any]:
-        state = _collect_rng_states(include_cuda=torch.cuda.is_available())
-        kind, keys, pos, has_gauss, gauss = state["numpy"]  # numpy arrays break weights_only loading
-        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss))
+        """The states Lightning's ``seed_everything`` sets, in the layout of Lightning's own (private)
+        ``_collect_rng_states``, so checkpoints written before stay readable."""
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()  # numpy arrays break weights_only loading
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                 "numpy": (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss))}
+        if torch.cuda.is_available():
+            state["torch.cuda"] = torch.cuda.get_rng_state_all()
         return state
 
     @staticmethod
     def _restore(state: dict[str, Any]) -> None:
-        import numpy as np
-
+        torch.set_rng_state(state["torch"])
+        if "torch.cuda" in state:
+            torch.cuda.set_rng_state_all(state["torch.cuda"])
         kind, keys, pos, has_gauss, gauss = state["numpy"]
-        _set_rng_states({**state, "numpy": (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)})
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        version, internal, py_gauss = state["python"]
+        random.setstate((version, tuple(internal), py_gauss))
 
     def state_dict(self) -> dict[str, Any]:
         state = self._collect()
@@ -107,28 +119,27 @@ class WandbPredictionTable(Callback):
     def _alpha(self, pl_module: LightningModule) -> float:
         return float(getattr(pl_module, "hparams", {}).get("alpha", self.alpha))
 
-    def table(self, records: list[dict[str, Any]], alpha: float):
-        """A ``wandb.Table`` of up to ``max_rows`` scored predictions."""
+    def table(self, records: list[Prediction], alpha: float):
+        """A ``wandb.Table`` of up to ``max_rows`` prediction records."""
         import wandb
         from PIL import Image
 
         table = wandb.Table(columns=self.COLUMNS)
         for r in records[:self.max_rows]:
-            s, sc = r["sample"], r["scored"]
-            boxes = {"ground_truth": {"box_data": [box_overlay(s.box, "ground truth", 0)],
+            boxes = {"ground_truth": {"box_data": [box_overlay(r.gt_box, "ground truth", 0)],
                                       "class_labels": {0: "ground truth"}}}
-            if sc.pred_box is not None:
-                boxes["prediction"] = {"box_data": [box_overlay(sc.pred_box, f"IoU {sc.iou:.2f}", 1)],
+            if r.pred_box is not None:
+                boxes["prediction"] = {"box_data": [box_overlay(r.pred_box, f"IoU {r.iou:.2f}", 1)],
                                        "class_labels": {1: "prediction"}}
             try:
-                with Image.open(s.image) as im:
-                    image = wandb.Image(im.convert("RGB"), boxes=boxes, caption=s.sentence)
+                with Image.open(r.image) as im:
+                    image = wandb.Image(im.convert("RGB"), boxes=boxes, caption=r.sentence)
             except OSError as e:  # a moved image costs its picture, not the run
-                log.warning("W&B table: cannot open %s: %s", s.image, e)
+                log.warning("W&B table: cannot open %s: %s", r.image, e)
                 image = None
-            reward = alpha * sc.iou + (1 - alpha) * float(sc.success)
-            table.add_data(r["split"], s.id, image, s.sentence, sc.reasoning[:self.max_text_chars],
-                           r["text"][-self.max_text_chars:], sc.iou, sc.success, reward, sc.parse_ok, sc.failure)
+            table.add_data(r.split, r.id, image, r.sentence, (r.reasoning or "")[:self.max_text_chars],
+                           (r.answer or "")[-self.max_text_chars:], r.iou, r.success, float(eq8(r.iou, r.success, alpha)),
+                           not r.parse_failure, r.failure)
         return table
 
     def _log_stage(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -139,15 +150,14 @@ class WandbPredictionTable(Callback):
         records = validation.last_records.get(stage) or []
         if not records:
             return
-        import numpy as np
         import wandb
 
         alpha = self._alpha(pl_module)
-        ious = np.array([r["scored"].iou for r in records], dtype=np.float64)
-        succ = np.array([float(r["scored"].success) for r in records])
+        ious = np.array([r.iou for r in records], dtype=np.float64)
+        succ = np.array([r.success for r in records])
         payload = {f"{stage}/predictions": self.table(records, alpha),
                    f"{stage}/iou_hist": wandb.Histogram(ious, num_bins=20),
-                   f"{stage}/reward_hist": wandb.Histogram(alpha * ious + (1 - alpha) * succ, num_bins=20),
+                   f"{stage}/reward_hist": wandb.Histogram(eq8(ious, succ, alpha), num_bins=20),
                    "trainer/global_step": trainer.global_step}
         logger.experiment.log(payload)
 

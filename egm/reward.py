@@ -7,19 +7,21 @@ The reward takes already-parsed boxes, so it does not depend on the answer parse
 * an unparseable answer gets reward 0 (IoU 0, S 0) and is counted in ``parse_ok``: inside a run a
   bad sample is logged, never fatal (STYLE habit 7).
 
-:func:`reward_from_texts` is the thin wrapper that parses model answers with :mod:`egm.answers`
-first. Everything is vectorised with numpy in float64; the GRPO module converts with
+:func:`reward_from_texts` is the thin wrapper that parses model answers first, with the parser it
+is given (GRPO passes the adapter's own ``parse``, the one validation and evaluation use).
+:func:`eq8` is the formula itself, also used for the W&B table's reward column. Everything is vectorised with numpy in float64; the GRPO module converts with
 ``torch.as_tensor(out.rewards)``.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from egm.answers import ParsedAnswer, parse_answer
 from egm.boxes import SUCCESS_IOU, iou_batch
 
 DEFAULT_ALPHA = 0.5  # paper Sec. 4.3 / Table 5: "reward weight alpha 0.5"
@@ -74,6 +76,11 @@ def _pred_array(pred_boxes: Sequence[BoxLike] | np.ndarray) -> np.ndarray:
     return out
 
 
+def eq8(iou: np.ndarray | float, success: np.ndarray | bool, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+    """Eq. 8: ``alpha * IoU + (1 - alpha) * S`` (float64, elementwise)."""
+    return alpha * np.asarray(iou, dtype=np.float64) + (1.0 - alpha) * np.asarray(success, dtype=np.float64)
+
+
 def grounding_reward(
     pred_boxes: Sequence[BoxLike] | np.ndarray,
     gt_boxes: Sequence[Sequence[float]] | np.ndarray,
@@ -101,7 +108,7 @@ def grounding_reward(
     parse_ok = np.isfinite(pred).all(axis=1)
     iou = np.where(parse_ok, iou_batch(np.where(parse_ok[:, None], pred, 0.0), gt), 0.0)
     success = iou > threshold
-    rewards = alpha * iou + (1.0 - alpha) * success.astype(np.float64)
+    rewards = eq8(iou, success, alpha)
     return RewardOutput(rewards=rewards, iou=iou, success=success, parse_ok=parse_ok)
 
 
@@ -109,22 +116,22 @@ def reward_from_texts(
     texts: Sequence[str],
     gt_boxes: Sequence[Sequence[float]] | np.ndarray,
     sizes: Sequence[tuple[float, float]],
-    family: str = "auto",
+    parse: Callable[[str, float, float], ParsedAnswer] | None = None,
     alpha: float = DEFAULT_ALPHA,
 ) -> RewardOutput:
-    """Parse ``N`` model answers with :func:`egm.answers.parse_answer`, then apply Eq. 8.
+    """Parse ``N`` model answers with ``parse(text, width, height)``, then apply Eq. 8.
 
-    ``sizes`` holds the ``(width, height)`` of each image (the parser maps the 0-1000 scale to
-    pixels). Failure reasons are counted in ``RewardOutput.failures``.
+    ``parse`` is the model adapter's ``parse`` in training (``None``: :func:`egm.answers.parse_answer`
+    with family auto-detection). ``sizes`` holds the ``(width, height)`` of each image (the parser
+    maps the 0-1000 scale to pixels). Failure reasons are counted in ``RewardOutput.failures``.
     """
-    from egm.answers import parse_answer  # local: the reward math does not need the parser
-
+    parse = parse or parse_answer
     if not len(texts) == len(sizes) == len(gt_boxes):
         raise ValueError(f"{len(texts)} texts, {len(sizes)} sizes, {len(gt_boxes)} boxes")
     boxes: list[BoxLike] = []
     failures: Counter = Counter()
     for text, (w, h) in zip(texts, sizes):
-        parsed = parse_answer(text, w, h, family=family)
+        parsed = parse(text, w, h)
         boxes.append(parsed.box if parsed.ok else None)
         if not parsed.ok:
             failures[str(getattr(parsed.failure, "value", parsed.failure))] += 1

@@ -14,131 +14,19 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torchmetrics import MeanMetric
 
 from egm.config_checks import SFT_RULES, check_ranges
-from egm.generation import SamplingParams
+from egm.generation.sampling import SamplingParams
 from egm.models.base import GroundingAdapter
 from egm.optim import build_optimizer
-from egm.scoring import score_texts
-from egm.strategies import deepspeed_loss_factor, gathered_parameters, zero3_for_transformers
+from egm.strategies import deepspeed_loss_factor
+from egm.validation import GroundingEvalHooks, GroundingValidation
 
 log = logging.getLogger(__name__)
-
-
-class GroundingValidation:
-    """Greedy generation + per-split grounding metrics, shared by the SFT and GRPO modules.
-
-    Metrics are torchmetrics ``MeanMetric`` objects so that they are reduced across ranks.
-    """
-
-    METRICS = ("acc", "miou", "parse_fail")
-
-    def __init__(self, module: LightningModule, sampling: SamplingParams, keep: int = 256):
-        self.module, self.sampling = module, sampling
-        self.metrics = torch.nn.ModuleDict()
-        # the first ``keep`` scored predictions of the epoch on this rank, per stage (for
-        # egm.callbacks.WandbPredictionTable): {"split", "sample", "text", "scored"} dicts
-        self.keep = keep
-        self.records: dict[str, list[dict[str, Any]]] = {}
-        self.last_records: dict[str, list[dict[str, Any]]] = {}
-
-    def split_name(self, dataloader_idx: int, stage: str) -> str:
-        dm = getattr(self.module._trainer, "datamodule", None)  # None outside a Trainer
-        names = getattr(dm, f"{'test' if stage == 'test' else 'val'}_names", None) or []
-        return names[dataloader_idx] if dataloader_idx < len(names) else f"split{dataloader_idx}"
-
-    def _metric(self, key: str) -> MeanMetric:
-        safe = key.replace("/", "__")
-        if safe not in self.metrics:
-            self.metrics[safe] = MeanMetric().to(self.module.device)
-        return self.metrics[safe]
-
-    @torch.no_grad()
-    def generate(self, batch: dict[str, Any]) -> tuple[list, list[str], list]:
-        """Greedy answers for a generation batch -> (samples, texts, scored answers)."""
-        adapter: GroundingAdapter = self.module.adapter
-        inputs = batch["inputs"]
-        out = self.module.model.generate(**inputs, **self.sampling.hf_generate_kwargs(),
-                                         pad_token_id=adapter.pad_token_id)
-        texts = adapter.decode(out, inputs["input_ids"].shape[1])
-        samples = [ex["sample"] for ex in batch["examples"]]
-        return samples, texts, score_texts(texts, samples, adapter.parse)
-
-    def step(self, batch: dict[str, Any], dataloader_idx: int, stage: str) -> list:
-        samples, texts, scored = self.generate(batch)
-        split = self.split_name(dataloader_idx, stage)
-        rec = self.records.setdefault(stage, [])
-        for text, sample, sc in zip(texts, samples, scored):
-            if len(rec) < self.keep:
-                rec.append({"split": split, "sample": sample, "text": text, "scored": sc})
-        for s in scored:
-            self._metric(f"{stage}/{split}/acc").update(float(s.success))
-            self._metric(f"{stage}/{split}/miou").update(s.iou)
-            self._metric(f"{stage}/{split}/parse_fail").update(float(not s.parse_ok))
-        return scored
-
-    def epoch_end(self, stage: str) -> dict[str, float]:
-        out = {}
-        for safe, m in self.metrics.items():
-            key = safe.replace("__", "/")
-            if key.startswith(stage + "/") and m.update_called:
-                out[key] = float(m.compute())  # MeanMetric.compute() syncs across ranks
-                m.reset()
-        self.last_records[stage] = self.records.pop(stage, [])
-        if out:
-            self.module.log_dict(out, sync_dist=False, add_dataloader_idx=False)
-        return out
-
-
-class GroundingEvalHooks:
-    """Validation, test, predict and export hooks shared by the SFT and GRPO modules.
-
-    The host LightningModule provides ``self.validation`` (:class:`GroundingValidation`),
-    ``self.adapter``, ``self.model`` and an ``export_dir`` hyper-parameter.
-    """
-
-    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
-        self.validation.step(batch, dataloader_idx, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self.validation.epoch_end("val")
-
-    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
-        self.validation.step(batch, dataloader_idx, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self.validation.epoch_end("test")
-
-    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        """``egm predict``: one record per sample (answer text, parsed box, IoU against the manifest box)."""
-        samples, texts, scored = self.validation.generate(batch)
-        return [{"id": s.id, "sentence": s.sentence, "answer": t, "pred_box": sc.pred_box, "gt_box": s.box,
-                 "iou": sc.iou, "success": sc.success, "parse_failure": sc.failure}
-                for s, t, sc in zip(samples, texts, scored)]
-
-    def on_fit_end(self) -> None:
-        if self.hparams.export_dir:
-            self.export(self.hparams.export_dir)
-
-    def export(self, out_dir: str | Path) -> Path:
-        """Write a Hugging Face folder (LoRA merged) that transformers and vLLM load.
-
-        Every rank calls it (``on_fit_end``): under ZeRO-3 each rank holds only a shard of every
-        parameter, so they gather them together first; rank 0 writes, the others wait for it.
-        """
-        with gathered_parameters(self.model):
-            if self.global_rank == 0:
-                self.adapter.save_pretrained(self.model, out_dir)
-                log.info("exported Hugging Face checkpoint to %s", out_dir)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            self.trainer.strategy.barrier("export")
-        return Path(out_dir)
 
 
 class SFTModule(GroundingEvalHooks, LightningModule):
@@ -182,20 +70,14 @@ class SFTModule(GroundingEvalHooks, LightningModule):
     def configure_model(self) -> None:
         """Load the model lazily (DeepSpeed ZeRO-3 / FSDP shard it as it is built)."""
         if self.model is None:
-            self.zero3_hf = zero3_for_transformers(self._trainer)  # kept alive: transformers holds a weakref
             # from_pretrained returns eval mode; Lightning keeps a module's mode, so switch here
-            self.model = self.adapter.load_model().train()
+            self.model = self.load_policy().train()
 
     def collate_fn(self, stage: str):
         """Collator the datamodule uses: training batches, or generation batches + samples."""
         if stage == "train":
             return lambda examples: {"inputs": self.adapter.collate_train(examples)}
-
-        def collate_eval(examples):
-            return {"inputs": self.adapter.collate_generate(examples),
-                    "examples": [{"sample": ex["sample"]} for ex in examples]}
-
-        return collate_eval
+        return self.collate_eval
 
     # -- training --------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

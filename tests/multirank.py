@@ -35,7 +35,7 @@ class FixedEngine:
         pass
 
     def generate(self, examples, n, sampling, seed=None):
-        from egm.rl.rollout import Rollout, encode_prompts, responses_from_rows
+        from egm.generation.rollout import Rollout, encode_prompts, responses_from_rows
 
         rows = []
         for ex in examples:
@@ -47,7 +47,7 @@ class FixedEngine:
                        self.adapter.decode(ids, 0), n)
 
 
-def fixed_reward(texts, gt_boxes, sizes, family="auto", alpha=0.5):
+def fixed_reward(texts, gt_boxes, sizes, parse=None, alpha=0.5):
     from egm.reward import grounding_reward
 
     out = grounding_reward([None] * len(texts), gt_boxes, alpha)
@@ -58,14 +58,14 @@ def fixed_reward(texts, gt_boxes, sizes, family="auto", alpha=0.5):
 def grpo_module(ck: str, **kwargs):
     """GRPO on the tiny Qwen3-VL with fixed rollouts and rewards (3 samples per prompt)."""
     import egm.rl.module as rl_module
-    from egm.generation import SamplingParams
+    from egm.generation.sampling import SamplingParams
     from egm.models import Qwen3VLAdapter
 
     rl_module.reward_from_texts = fixed_reward
     kwargs = {"lr": 1e-3, "warmup_steps": 0, "n_samples": 3, "micro_batch_size": 2, "max_grad_norm": None,
               "rollout": SamplingParams(temperature=1.0, max_new_tokens=8), **kwargs}
     m = rl_module.GRPOModule(Qwen3VLAdapter(ck), **kwargs)
-    m.build_engine = lambda: FixedEngine(m.adapter)
+    m.engine = FixedEngine(m.adapter)  # on_fit_start builds an engine only when none is set
     return m
 
 

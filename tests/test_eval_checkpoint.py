@@ -5,9 +5,10 @@ import torch
 from PIL import Image
 
 from egm.data.manifest import Sample
-from egm.eval.hf import count_generated, hf_generate_fn
+from egm.eval.checkpoint import hf_generate_fn
 from egm.eval.runner import evaluate
-from egm.generation import SamplingParams
+from egm.generation.hf import count_generated
+from egm.generation.sampling import SamplingParams
 from egm.models import Qwen3VLAdapter
 
 
@@ -35,7 +36,7 @@ def test_tiny_qwen_end_to_end(qwen_dir, tmp_path):
 
 def test_evaluate_checkpoint_from_manifest(tiny_dirs, tmp_path):
     from egm.data.manifest import write_manifest
-    from egm.eval.hf import evaluate_checkpoint
+    from egm.eval.checkpoint import evaluate_checkpoint
 
     ckpt = tiny_dirs["internvl"]
     img = tmp_path / "a.png"
@@ -52,8 +53,8 @@ def test_engine_generate_fn_over_a_rollout_engine(qwen_dir, tmp_path):
     """The vLLM evaluation path goes through the rollout-engine interface; check it with the HF engine."""
     import transformers
 
-    from egm.eval.hf import _count_params, engine_generate_fn
-    from egm.rl.rollout import HFEngine
+    from egm.eval.checkpoint import _count_params, engine_generate_fn
+    from egm.generation.hf import HFEngine
 
     adapter = Qwen3VLAdapter(str(qwen_dir))
     model = adapter.load_model().eval()
@@ -73,7 +74,7 @@ def test_engine_generate_fn_over_a_rollout_engine(qwen_dir, tmp_path):
 def test_vllm_engine_without_vllm_is_a_clear_error(qwen_dir, tmp_path, monkeypatch):
     import sys
 
-    from egm.eval.hf import evaluate_checkpoint
+    from egm.eval.checkpoint import evaluate_checkpoint
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # as on a machine without vLLM
     with pytest.raises(ImportError, match="egm\\[gpu\\]"):

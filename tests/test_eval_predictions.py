@@ -5,6 +5,7 @@ import json
 import pytest
 
 from egm.eval.predictions import JsonlAppender, read_jsonl, read_predictions
+from egm.scoring import Prediction
 
 
 def test_append_flushes_each_record(tmp_path):
@@ -42,8 +43,14 @@ def test_corrupt_middle_line_raises_with_location(tmp_path):
         read_jsonl(p)
 
 
-def test_read_predictions_keyed_first_wins(tmp_path):
+def test_read_predictions_typed_records_duplicates_raise(tmp_path):
     p = tmp_path / "p.jsonl"
-    p.write_text('{"id": "a", "v": 1}\n{"id": "a", "v": 2}\n')
-    assert read_predictions(p)["a"]["v"] == 1
+    p.write_text('{"id": "a", "iou": 0.7, "v": 1}\n{"id": "b", "iou": null, "failure": "image_error"}\n')
+    preds = read_predictions(p)
+    assert preds["a"] == Prediction(id="a", iou=0.7, success=True, extra={"v": 1})  # success: IoU > 0.5
+    assert preds["b"].iou == 0.0 and not preds["b"].success and preds["b"].failure == "image_error"
+    assert Prediction.from_json(preds["a"].to_json()) == preds["a"]
+    p.write_text('{"id": "a", "iou": 0.7}\n{"id": "a", "iou": 0.2}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2.*duplicate id"):
+        read_predictions(p)
     assert read_jsonl(tmp_path / "missing.jsonl") == []

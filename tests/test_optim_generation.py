@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from egm.generation import TABLE5_ROLLOUT, TABLE7_INFERENCE, SamplingParams
+from egm.generation.sampling import TABLE5_ROLLOUT, TABLE7_INFERENCE, SamplingParams
 from egm.optim import build_optimizer, cosine_with_warmup, verl_cosine_with_warmup
 
 

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from egm.callbacks import RNGStateCheckpoint
 from egm.data.datamodule import GroundingDataModule, ResumableDataLoader, WeightedMixSampler
 from egm.data.synthetic import make_synthetic
-from egm.generation import SamplingParams
+from egm.generation.sampling import SamplingParams
 from egm.models import Qwen3VLAdapter
 from egm.sft import SFTModule
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
-import types
 from collections import Counter
 from dataclasses import dataclass
 
@@ -14,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from egm.boxes import iou
-from egm.reward import RewardOutput, grounding_reward, reward_from_texts
+from egm.reward import RewardOutput, eq8, grounding_reward, reward_from_texts
 
 GT = [0.0, 0.0, 10.0, 10.0]
 
@@ -101,27 +99,29 @@ class _Parsed:
         return self.box is not None
 
 
-def test_reward_from_texts_uses_parser(monkeypatch):
-    """The wrapper only parses then delegates; a stub parser keeps this test independent."""
+def test_reward_from_texts_uses_the_parser_it_is_given():
+    """The wrapper only parses (with the given parser: GRPO passes the adapter's) then delegates."""
 
-    def parse_answer(text, width, height, family="auto"):
+    def parse(text, width, height):
         if text == "bad":
             return _Parsed(None, "no_box")
         x1, y1, x2, y2 = (float(v) / 1000 * s for v, s in zip(text.split(), (width, height) * 2))
         return _Parsed((x1, y1, x2, y2), None)
 
-    stub = types.SimpleNamespace(parse_answer=parse_answer)
-    monkeypatch.setitem(sys.modules, "egm.answers", stub)
-    out = reward_from_texts(["0 0 500 500", "bad", "bad"], [GT] * 3, [(20, 20)] * 3)
+    out = reward_from_texts(["0 0 500 500", "bad", "bad"], [GT] * 3, [(20, 20)] * 3, parse=parse)
     assert isinstance(out, RewardOutput)
     np.testing.assert_allclose(out.rewards, [1.0, 0.0, 0.0])
     assert out.failures == Counter({"no_box": 2})
     with pytest.raises(ValueError):
-        reward_from_texts(["x"], [GT, GT], [(1, 1)])
+        reward_from_texts(["x"], [GT, GT], [(1, 1)], parse=parse)
+
+
+def test_eq8_by_hand():
+    """Eq. 8 with hand-computed values: 0.3 * 0.6 + 0.7 * 1 and 0.3 * 0.5 + 0.7 * 0 (IoU 0.5 fails)."""
+    np.testing.assert_allclose(eq8(np.array([0.6, 0.5]), np.array([True, False]), alpha=0.3), [0.88, 0.15])
 
 
 def test_reward_from_texts_with_real_parser():
-    pytest.importorskip("egm.answers")
     texts = ['<think>left one</think> {"bbox_2d": [0, 0, 500, 500]}', "no box here"]
     out = reward_from_texts(texts, [[0, 0, 50, 50], [0, 0, 1, 1]], [(100, 100), (100, 100)])
     np.testing.assert_allclose(out.rewards, [1.0, 0.0])

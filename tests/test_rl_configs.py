@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from egm import cli
-from egm.generation import TABLE5_ROLLOUT, SamplingParams
+from egm.generation.sampling import TABLE5_ROLLOUT, SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 

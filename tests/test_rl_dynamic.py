@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from egm.rl.dynamic import concat_rollouts, dynamic_sampling, take_groups
-from egm.rl.rollout import Rollout
+from egm.generation.rollout import Rollout
 
 G, PAD = 2, 0
 

@@ -10,7 +10,7 @@ import torch
 import egm.rl.module as rl_module
 from egm.data.datamodule import GroundingDataModule
 from egm.data.synthetic import make_synthetic
-from egm.generation import SamplingParams
+from egm.generation.sampling import SamplingParams
 from egm.models import Qwen3VLAdapter
 from egm.reward import grounding_reward
 from egm.rl.module import GRPOModule
@@ -29,7 +29,7 @@ def spread_rewards(monkeypatch):
     """A random tiny model never parses: give every group distinct rewards so advantages != 0."""
     rng = np.random.default_rng(0)
 
-    def fake(texts, gt_boxes, sizes, family="auto", alpha=0.5):
+    def fake(texts, gt_boxes, sizes, parse=None, alpha=0.5):
         n = len(texts)
         out = grounding_reward([None] * n, gt_boxes, alpha)
         return type(out)(rng.uniform(0, 1, n), out.iou, out.success, out.parse_ok, out.failures)
@@ -53,12 +53,14 @@ def test_beta_zero_builds_no_reference_model(world):
     ck, _ = world
     m = GRPOModule(Qwen3VLAdapter(str(ck)), beta=0.0)
     m.configure_model()
-    assert m.ref_model is None
+    assert m.reference.model is None
     m2 = GRPOModule(Qwen3VLAdapter(str(ck)), beta=0.01)
     m2.configure_model()
-    assert m2.ref_model is not None and not any(p.requires_grad for p in m2.ref_model.parameters())
-    assert "ref_model" not in dict(m2.named_children())  # never checkpointed or optimised
-    assert all(torch.equal(a, b) for a, b in zip(m2.model.parameters(), m2.ref_model.parameters()))
+    ref = m2.reference.model
+    assert ref is not None and not any(p.requires_grad for p in ref.parameters())
+    assert not any(c is ref for c in m2.modules())  # not in the module tree: never checkpointed or optimised
+    assert not any(k.startswith("reference") for k in m2.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(m2.model.parameters(), ref.parameters()))
 
 
 def test_full_grpo_step_changes_the_weights(world, spread_rewards):
@@ -94,7 +96,7 @@ def test_identical_policies_give_ratio_one_and_loss_minus_mean_advantage(world, 
 
 
 def test_rollout_defaults_to_the_family_table5_column_with_a_warning(qwen_dir):
-    from egm.generation import TABLE5_ROLLOUT
+    from egm.generation.sampling import TABLE5_ROLLOUT
     from egm.models import InternVLAdapter
 
     with pytest.warns(UserWarning, match="model.rollout is not set"):
@@ -159,7 +161,7 @@ def test_dynamic_sampling_replaces_zero_spread_groups(world, monkeypatch):
     scripted = iter([np.array([0.5, 0.5, 0.5, 0.1, 0.2, 0.3]),    # the batch: group 0 has no spread
                      np.array([0.0, 1.0, 0.5, 0.4, 0.6, 0.8])])   # the refill of 2 prompts: both spread
 
-    def fake(texts, gt_boxes, sizes, family="auto", alpha=0.5):
+    def fake(texts, gt_boxes, sizes, parse=None, alpha=0.5):
         out = grounding_reward([None] * len(texts), gt_boxes, alpha)
         return type(out)(next(scripted), out.iou, out.success, out.parse_ok, out.failures)
 
@@ -173,3 +175,29 @@ def test_dynamic_sampling_replaces_zero_spread_groups(world, monkeypatch):
     assert len(s["examples"]) == 2 and s["train/zero_spread_frac"] == 0.5  # logged on the batch's own prompts
     assert s["train/reward/mean"] == pytest.approx((1.5 + 0.6) / 6)
     assert (s["advantages"].view(2, 3).abs().sum(1) > 0).all()
+
+
+def test_reward_parses_with_the_adapters_own_parser(world):
+    """An adapter that overrides ``parse`` reaches the GRPO reward, as it reaches validation."""
+    from multirank import FixedEngine
+
+    from egm.answers import ParsedAnswer
+    from egm.boxes import iou
+    from egm.data.datamodule import GroundingDataset
+    from egm.data.manifest import read_manifest
+
+    class WholeImage(Qwen3VLAdapter):
+        def parse(self, text, width, height):  # every answer: the whole image
+            return ParsedAnswer("", (0.0, 0.0, float(width), float(height)), None, None, 1)
+
+    ck, paths = world
+    m = GRPOModule(WholeImage(str(ck)), n_samples=2, rollout=ROLLOUT, alpha=0.5)
+    ds = GroundingDataset(read_manifest(paths["train"])[:2])
+    ro = FixedEngine(m.adapter).generate([ds[0], ds[1]], 2, ROLLOUT)
+    out = m.rewards(ro)
+    expected = []
+    for s in (ds[0]["sample"], ds[1]["sample"]):
+        v = iou([0, 0, s.width, s.height], s.box)
+        expected += [0.5 * v + 0.5 * (v > 0.5)] * 2
+    np.testing.assert_allclose(out.rewards, expected)
+    assert out.parse_ok.all()

@@ -10,10 +10,12 @@ from PIL import Image
 
 from egm.data.manifest import read_manifest
 from egm.data.synthetic import make_synthetic
-from egm.generation import SamplingParams
+from egm.generation.sampling import SamplingParams
 from egm.models import Qwen3VLAdapter
-from egm.rl.rollout import HFEngine, responses_from_rows, token_logprobs
-from egm.rl.vllm_engine import VLLMEngine, vllm_weight_names
+from egm.generation.hf import HFEngine
+from egm.generation.rollout import responses_from_rows
+from egm.rl.ppo import token_logprobs
+from egm.generation.vllm import VLLMEngine, vllm_weight_names
 
 SAMPLING = SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=10)
 
@@ -37,7 +39,7 @@ def test_responses_from_rows_cuts_after_first_stop_and_flags_truncation():
 def test_placeholder_tokens_cut_the_response_and_count_as_truncated(setup):
     ad, model, _ = setup
     img = model.config.image_token_id
-    from egm.rl.rollout import placeholder_token_ids
+    from egm.generation.rollout import placeholder_token_ids
 
     assert img in placeholder_token_ids(model.config)
     ids, mask, lengths, trunc = responses_from_rows([[5, img, 9], [img, 5], [5, 9]], {9}, 4, 0, {img})

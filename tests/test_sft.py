@@ -9,8 +9,9 @@ from PIL import Image
 
 from egm.boxes import iou
 from egm.data.manifest import Sample
-from egm.generation import SamplingParams
+from egm.generation.sampling import SamplingParams
 from egm.models import Qwen3VLAdapter
+from egm.scoring import PREDICTION_FIELDS
 from egm.sft import GlobalBatchSize, SFTModule
 
 
@@ -114,7 +115,7 @@ def test_validation_metrics_equal_hand_computation():
     batch = {"inputs": {"input_ids": torch.zeros(4, 3, dtype=torch.long)}, "examples": [{"sample": s} for s in samples]}
     logged = {}
     m.log_dict = lambda d, **kw: logged.update(d)
-    scored = m.validation.step(batch, 0, "val")
+    scored = m.validation.step(batch, "split0", "val")
     assert [round(s.iou, 6) for s in scored] == [1.0, 0.5, 0.8, 0.0]
     assert iou([0, 0, 100, 80], gts[2]) == pytest.approx(0.8)
     m.validation.epoch_end("val")
@@ -159,4 +160,5 @@ def test_predict_over_test_splits(qwen_dir, tmp_path):
     assert [r["id"] for r in recs] == ["s0", "s1", "s2"]
     for r in recs:  # a random tiny model: whatever it says is parsed and scored, never raised
         assert 0.0 <= r["iou"] <= 1.0 and isinstance(r["answer"], str)
-        assert (r["pred_box"] is None) == (r["parse_failure"] is not None)
+        assert (r["pred_box"] is None) == r["parse_failure"] == (r["failure"] is not None)
+        assert set(r) == set(PREDICTION_FIELDS) and r["split"] == "t"  # the record `egm evaluate` writes

@@ -13,10 +13,11 @@ import pytest
 
 import egm.rl.module as rl_module
 import egm.sft as sft
+import egm.validation as validation
 from egm.callbacks import WandbPredictionTable
 from egm.data.datamodule import GroundingDataModule
 from egm.data.synthetic import make_synthetic
-from egm.generation import SamplingParams
+from egm.generation.sampling import SamplingParams
 from egm.models import Qwen3VLAdapter
 from egm.rl.module import GRPOModule
 from egm.scoring import Scored
@@ -132,7 +133,7 @@ def _tables(files):
 
 def test_sft_validation_table_offline(world, tmp_path, offline, monkeypatch):
     ck, paths = world
-    monkeypatch.setattr(sft, "score_texts", fake_scores)
+    monkeypatch.setattr(validation, "score_texts", fake_scores)
     m = sft.SFTModule(Qwen3VLAdapter(str(ck), max_length=256), lr=1e-3,
                       val_sampling=SamplingParams(max_new_tokens=4))
     files = _fit(m, ck, paths, tmp_path, "sft-test")
@@ -159,7 +160,7 @@ def test_sft_validation_table_offline(world, tmp_path, offline, monkeypatch):
 
 def test_grpo_train_histograms_offline(world, tmp_path, offline, monkeypatch):
     ck, paths = world
-    monkeypatch.setattr(sft, "score_texts", fake_scores)
+    monkeypatch.setattr(validation, "score_texts", fake_scores)
     m = GRPOModule(Qwen3VLAdapter(str(ck)), lr=1e-3, warmup_steps=0, n_samples=2, alpha=0.5,
                    rollout=SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=4),
                    val_sampling=SamplingParams(max_new_tokens=4))

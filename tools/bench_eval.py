@@ -1,6 +1,6 @@
 """Evaluation throughput: batched vs one-by-one generation on a tiny model, in one run (issue 7).
 
-Runs :func:`egm.eval.runner.evaluate` with :func:`egm.eval.hf.hf_generate_fn` (greedy, Table 7
+Runs :func:`egm.eval.runner.evaluate` with :func:`egm.eval.checkpoint.hf_generate_fn` (greedy, Table 7
 decoding but ``max_new_tokens`` capped) twice over the same synthetic val samples, with generation
 batch ``batch_size`` and with batch 1, and prints samples/s of each (image loading, prompt
 collation, generation, decoding, parsing and scoring included; no latency pass) and their ratio.
@@ -23,9 +23,9 @@ from jsonargparse import CLI
 
 from egm.data.manifest import read_manifest
 from egm.data.synthetic import make_synthetic
-from egm.eval.hf import hf_generate_fn
+from egm.eval.checkpoint import hf_generate_fn
 from egm.eval.runner import evaluate
-from egm.generation import SamplingParams
+from egm.generation.sampling import SamplingParams
 from egm.models import ADAPTERS
 from egm.models.tiny import tiny_checkpoint
 

@@ -35,7 +35,7 @@ def bench_egm(ck: Path, examples, G: int, T: int, steps: int, root: Path) -> lis
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from egm.generation import SamplingParams
+    from egm.generation.sampling import SamplingParams
     from egm.models import Qwen3VLAdapter
     from egm.rl.module import GRPOModule
 

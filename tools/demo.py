@@ -196,13 +196,13 @@ def _outcomes(model) -> dict[str, dict[str, bool]]:
     """Per-sample success of the last validation (the module keeps every scored record)."""
     out: dict[str, dict[str, bool]] = {}
     for r in model.validation.last_records.get("val", []):
-        out.setdefault(r["split"], {})[r["sample"].id] = bool(r["scored"].success)
+        out.setdefault(r.split, {})[r.id] = r.success
     return out
 
 
 def evaluation_report(checkpoint: str, root: Path, splits: list[str], max_new_tokens: int = 96) -> Path:
     """``egm evaluate`` on the synthetic test splits, then ``egm report`` (tables and figures)."""
-    from egm.eval.hf import evaluate_checkpoint
+    from egm.eval.checkpoint import evaluate_checkpoint
     from egm.eval.report import make_report
 
     manifests = {s: str(root / "data" / f"{s}.jsonl") for s in splits if (root / "data" / f"{s}.jsonl").exists()}

@@ -184,7 +184,7 @@ def run_phase(kind: str, stage: int, ck: Path, train: str, args) -> dict[str, An
     import lightning as L
 
     from egm.data.datamodule import GroundingDataModule
-    from egm.generation import SamplingParams
+    from egm.generation.sampling import SamplingParams
     from egm.models import Qwen3VLAdapter
 
     dtype = "float32" if args.device == "cpu" else "bfloat16"

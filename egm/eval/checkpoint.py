@@ -1,51 +1,50 @@
-"""A ``generate_fn`` for :func:`egm.eval.runner.evaluate` over a transformers model and an EGM adapter.
+"""``egm evaluate``: a Hugging Face checkpoint on split manifests, on transformers or vLLM, through
+:func:`egm.eval.runner.evaluate`.
 
 Prompts follow paper Figure 7 (the adapter's ``collate_generate``) and decoding follows Table 7
-(``TABLE7_INFERENCE``: greedy, max length 4096, repetition penalty 1.0). The number of generated
-tokens per sample counts the tokens up to and including the first stop token (padding after an
-early stop is not generation).
+(``TABLE7_INFERENCE``: greedy, max length 4096, repetition penalty 1.0). The two ``generate_fn``
+wrappers below turn the generation layer (:func:`egm.generation.hf.hf_generate`, or any
+:class:`~egm.generation.rollout.RolloutEngine` such as vLLM's) into what the runner calls.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from egm.eval.runner import GenerateFn, GenerationOutput
-from egm.generation import TABLE7_INFERENCE, SamplingParams
+from egm.compat import model_from_config
+from egm.eval.runner import GenerateFn, GenerationOutput, evaluate
+from egm.generation.hf import count_generated, hf_generate
+from egm.generation.rollout import RolloutEngine
+from egm.generation.sampling import TABLE7_INFERENCE, SamplingParams
+from egm.generation.vllm import VLLMEngine
+from egm.models import ADAPTERS
+from egm.models.base import GroundingAdapter
 
 
-def count_generated(new_ids: torch.Tensor, stop_ids: set[int]) -> list[int]:
-    """Generated tokens per row of ``new_ids`` ``(B, T)``: up to and including the first stop token."""
-    counts = []
-    for row in new_ids.tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
-        counts.append(end)
-    return counts
-
-
-def hf_generate_fn(adapter: Any, model: torch.nn.Module, sampling: SamplingParams = TABLE7_INFERENCE) -> GenerateFn:
-    """Wrap ``adapter`` (:class:`egm.models.GroundingAdapter`) and ``model`` as a ``generate_fn``."""
+def hf_generate_fn(adapter: GroundingAdapter, model: torch.nn.Module,
+                   sampling: SamplingParams = TABLE7_INFERENCE) -> GenerateFn:
+    """Wrap ``adapter`` and ``model`` as a ``generate_fn`` (the number of generated tokens counts up to
+    and including the first stop token: padding after an early stop is not generation)."""
     device = next(model.parameters()).device
 
     @torch.inference_mode()
     def generate(examples: Sequence[Mapping[str, Any]]) -> list[GenerationOutput]:
         batch = adapter.collate_generate(list(examples))
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        prompt_len = batch["input_ids"].shape[1]
-        out = model.generate(**batch, **sampling.hf_generate_kwargs(), pad_token_id=adapter.pad_token_id)
-        texts = adapter.decode(out, prompt_len)
-        counts = count_generated(out[:, prompt_len:], adapter.stop_token_ids())
-        return [GenerationOutput(t, n) for t, n in zip(texts, counts)]
+        new = hf_generate(adapter, model, batch, sampling)
+        counts = count_generated(new, adapter.stop_token_ids())
+        return [GenerationOutput(t, n) for t, n in zip(adapter.decode(new, 0), counts)]
 
     return generate
 
 
-def engine_generate_fn(engine: Any, sampling: SamplingParams = TABLE7_INFERENCE) -> GenerateFn:
-    """A ``generate_fn`` over a rollout engine (:class:`egm.rl.rollout.RolloutEngine`): one greedy
-    answer per example. This is how evaluation runs on vLLM (:class:`egm.rl.vllm_engine.VLLMEngine`)."""
+def engine_generate_fn(engine: RolloutEngine, sampling: SamplingParams = TABLE7_INFERENCE) -> GenerateFn:
+    """A ``generate_fn`` over a rollout engine: one greedy answer per example. This is how
+    evaluation runs on vLLM (:class:`egm.generation.vllm.VLLMEngine`)."""
 
     def generate(examples: Sequence[Mapping[str, Any]]) -> list[GenerationOutput]:
         ro = engine.generate(list(examples), n=1, sampling=sampling)
@@ -92,11 +91,6 @@ def evaluate_checkpoint(
         vllm_gpu_memory_utilization: share of the GPU vLLM may use (``engine=vllm``).
         vllm_enforce_eager: no CUDA graphs / compilation (faster start; ``engine=vllm``).
     """
-    from pathlib import Path
-
-    from egm.eval.runner import evaluate
-    from egm.models import ADAPTERS
-
     if family not in ADAPTERS:
         raise ValueError(f"family must be one of {sorted(ADAPTERS)}, got {family!r}")
     if engine not in ("hf", "vllm"):
@@ -105,8 +99,6 @@ def evaluate_checkpoint(
     sampling = SamplingParams(**{**vars(TABLE7_INFERENCE), "max_new_tokens": max_new_tokens})
     if engine == "vllm":
         from transformers import AutoConfig
-
-        from egm.rl.vllm_engine import VLLMEngine
 
         # vLLM picks its own platform (CUDA, or the CPU build): `device` does not apply; the model
         # runs in `torch_dtype` as with HF, and at the checkpoint's own context length.
@@ -129,7 +121,7 @@ def _count_params(config: Any) -> int | None:
         import transformers
 
         with torch.device("meta"):
-            model = getattr(transformers, config.architectures[0])._from_config(config)
+            model = model_from_config(getattr(transformers, config.architectures[0]), config)
         return sum(p.numel() for p in model.parameters())
     except Exception:  # an unknown architecture only loses the #Params column
         return None

@@ -1,6 +1,8 @@
 """Per-split predictions JSONL: appended record by record, readable after a kill, resumable.
 
-Each line is one evaluated sample (fields of :data:`PREDICTION_FIELDS`). The writer flushes every
+Each line is one evaluated sample, an :class:`egm.scoring.Prediction` (fields of
+:data:`egm.scoring.PREDICTION_FIELDS`); :func:`read_predictions` reads a file back as records,
+validated. The writer flushes every
 record, so a killed run leaves at most one partial last line; :func:`read_jsonl` ignores such a
 line and :class:`JsonlAppender` cuts it off before appending, so a rerun resumes cleanly and skips
 the ids already present. A malformed line *before* the last one is real corruption and raises
@@ -10,34 +12,15 @@ with the file and line number (fail loudly at the edge).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from egm.boxes import success
 from egm.data.manifest import ManifestError
-
-PREDICTION_FIELDS: tuple[str, ...] = (
-    "id",            # sample id
-    "split",         # split name the sample was evaluated under
-    "task",          # vanilla | amodal
-    "sentence",      # referring expression
-    "image",         # image path (for qualitative panels)
-    "width", "height",
-    "gt_box",        # ground truth, pixel xyxy
-    "pred_box",      # parsed prediction, pixel xyxy, or null
-    "iou",           # IoU(pred, gt); 0 when there is no prediction
-    "success",       # IoU > 0.5 (paper Eq. 1)
-    "parse_failure",  # the answer text could not be parsed into a box
-    "failure",       # None, a parse-failure kind (from egm.answers), "image_error" or "parse_error"
-    "error",         # free-text detail for failures (e.g. the image exception)
-    "reasoning",     # reasoning text extracted from the answer
-    "answer",        # raw generated text
-    "num_tokens",    # generated tokens (None when the generator did not say)
-    "latency_ms",    # wall time of the batch divided by its size (throughput, not paper latency)
-    "batch_size",    # size of the generation batch this record came from
-)
-
+from egm.scoring import Prediction
 
 def _split_lines(data: bytes) -> tuple[list[tuple[int, bytes]], bytes, int]:
     """Complete lines with their start offsets, the trailing partial chunk, and its offset."""
@@ -92,11 +75,50 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [r for _, r in scan_jsonl(path)[0]]
 
 
-def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """Records keyed by id (the first record of an id wins)."""
-    out: dict[str, dict[str, Any]] = {}
-    for r in read_jsonl(path):
-        out.setdefault(str(r["id"]), r)
+def _box_or_none(v: Any, path: Path, n: int, name: str) -> list[float] | None:
+    if v is None:
+        return None
+    if not isinstance(v, (list, tuple)) or len(v) != 4 or not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v
+    ):
+        raise ManifestError(path, n, name, f"must be null or 4 finite numbers, got {v!r}")
+    return [float(x) for x in v]
+
+
+def read_predictions(path: str | os.PathLike) -> dict[str, Prediction]:
+    """A prediction JSONL file -> ``{id: Prediction}`` (file order); errors name file, line, field.
+
+    ``id`` and ``iou`` are required, everything else optional (a reference model's file may come
+    from another evaluator): ``iou: null`` (no box, image error) reads as 0, a missing ``success``
+    as ``iou > 0.5``, boxes must be null or 4 finite numbers. An id twice is an error (the
+    evaluator writes each id once). A partial last line (a killed evaluation) is ignored.
+    """
+    path = Path(path)
+    out: dict[str, Prediction] = {}
+    for n, obj in scan_jsonl(path)[0]:
+        pid = obj.get("id")
+        if not isinstance(pid, str) or not pid:
+            raise ManifestError(path, n, "id", f"must be a non-empty string, got {pid!r}")
+        if pid in out:
+            raise ManifestError(path, n, "id", f"duplicate id {pid!r}")
+        if "iou" not in obj:
+            raise ManifestError(path, n, "iou", "missing")
+        iou = 0.0 if obj["iou"] is None else obj["iou"]
+        if isinstance(iou, bool) or not isinstance(iou, (int, float)) or not math.isfinite(iou):
+            raise ManifestError(path, n, "iou", f"must be a finite number or null, got {iou!r}")
+        ok = obj.get("success")
+        if ok is None:
+            ok = success(float(iou))
+        elif not isinstance(ok, bool):
+            raise ManifestError(path, n, "success", f"must be true/false, got {ok!r}")
+        sentence = obj.get("sentence")
+        out[pid] = Prediction.from_json({
+            **obj, "iou": float(iou), "success": ok,
+            "pred_box": _box_or_none(obj.get("pred_box"), path, n, "pred_box"),
+            "gt_box": _box_or_none(obj.get("gt_box"), path, n, "gt_box"),
+            "sentence": sentence if isinstance(sentence, str) else None,
+            "parse_failure": bool(obj.get("parse_failure")),
+        })
     return out
 
 

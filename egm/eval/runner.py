@@ -42,7 +42,7 @@ from egm.eval.benchmarks import canonical_split, refcoco_splits_in
 from egm.eval.latency import Clock, latency_stats, latency_subset, timed_call
 from egm.eval.metrics import split_metrics, summarize
 from egm.eval.predictions import JsonlAppender, is_image_error
-from egm.scoring import score_answer
+from egm.scoring import Prediction, sample_fields, score_answer
 
 log = logging.getLogger(__name__)
 
@@ -83,35 +83,20 @@ def _as_output(o: Any) -> GenerationOutput:
     return GenerationOutput(str(o.text), getattr(o, "num_tokens", None))
 
 
-def score_sample(sample: Sample, text: str, parse_fn: ParseFn) -> dict[str, Any]:
+def score_sample(sample: Sample, split: str, text: str, parse_fn: ParseFn, **fields: Any) -> Prediction:
     """Parse one answer and score it with :func:`egm.scoring.score_answer` (never raises on a bad answer)."""
     try:
         sc = score_answer(parse_fn(text, sample.width, sample.height), sample.box)
     except Exception as e:  # a parser must not kill the run: count the sample as a failure
-        return {"pred_box": None, "iou": 0.0, "success": False, "parse_failure": True,
-                "failure": "parse_error", "error": f"{type(e).__name__}: {e}", "reasoning": None}
-    return {
-        "pred_box": [float(v) for v in sc.pred_box] if sc.pred_box is not None else None,
-        "iou": sc.iou,
-        "success": sc.success,
-        "parse_failure": not sc.parse_ok,
-        "failure": sc.failure,
-        "error": None,
-        "reasoning": sc.reasoning,
-    }
+        return Prediction(**sample_fields(sample, split), iou=0.0, success=False, parse_failure=True,
+                          failure="parse_error", error=f"{type(e).__name__}: {e}", answer=text, **fields)
+    return Prediction.of(sample, split, text, sc, **fields)
 
 
-def _base_record(sample: Sample, split: str) -> dict[str, Any]:
-    return {"id": sample.id, "split": split, "task": sample.task, "sentence": sample.sentence,
-            "image": sample.image, "width": sample.width, "height": sample.height,
-            "gt_box": [float(v) for v in sample.box]}
-
-
-def image_failure_record(sample: Sample, split: str, err: BaseException) -> dict[str, Any]:
+def image_failure_record(sample: Sample, split: str, err: BaseException) -> Prediction:
     """Prediction record of a sample whose image could not be read: IoU 0, counted as a failure."""
-    return {**_base_record(sample, split), "pred_box": None, "iou": 0.0, "success": False,
-            "parse_failure": False, "failure": "image_error", "error": f"{type(err).__name__}: {err}",
-            "reasoning": None, "answer": None, "num_tokens": None, "latency_ms": None, "batch_size": 0}
+    return Prediction(**sample_fields(sample, split), iou=0.0, success=False, failure="image_error",
+                      error=f"{type(err).__name__}: {err}", batch_size=0)
 
 
 def make_example(sample: Sample, image: Image.Image) -> dict[str, Any]:
@@ -163,7 +148,7 @@ def predict_split(
             ok, failed = _load_batch(todo[start:start + batch_size], loader)
             for s, err in failed:
                 log.warning("%s: image of %s unreadable: %s", split, s.id, err)
-                store.append(image_failure_record(s, split, err))
+                store.append(image_failure_record(s, split, err).to_json())
             if not ok:
                 continue
             outs, ms = timed_call(lambda: generate_fn([make_example(s, im) for s, im in ok]), clock)
@@ -171,9 +156,8 @@ def predict_split(
             if len(outs) != len(ok):
                 raise RuntimeError(f"generate_fn returned {len(outs)} outputs for {len(ok)} examples")
             for (s, _), out in zip(ok, outs):
-                store.append({**_base_record(s, split), **score_sample(s, out.text, parse_fn),
-                              "answer": out.text, "num_tokens": out.num_tokens,
-                              "latency_ms": ms / len(ok), "batch_size": len(ok)})
+                store.append(score_sample(s, split, out.text, parse_fn, num_tokens=out.num_tokens,
+                                          latency_ms=ms / len(ok), batch_size=len(ok)).to_json())
         wanted = {s.id for s in samples}
         return [r for r in store.records if r["id"] in wanted]
 

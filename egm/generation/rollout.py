@@ -1,17 +1,18 @@
-"""Rollouts for GRPO: sample ``G`` responses per prompt, keep what the loss needs to re-score them.
+"""The rollout type and the engine interface: ``G`` sampled responses per prompt, kept as the loss
+needs them to re-score them.
 
 A rollout engine turns ``P`` adapter examples (``{"sample", "image"}``) into ``P * G`` responses,
 laid out contiguously per prompt (the layout :func:`egm.rl.grpo.group_advantages` expects).
 Engines only *sample*: the log-probabilities used in the loss (old, new and reference) are always
-recomputed by the training model from :meth:`Rollout.model_inputs` (:func:`token_logprobs`), so
-that rollouts may come from another numerics stack (vLLM, fp16) without biasing the ratio.
+recomputed by the training model from :meth:`Rollout.model_inputs`
+(:func:`egm.rl.grpo.token_logprobs`), so that rollouts may come from another numerics stack
+(vLLM, fp16) without biasing the ratio.
 
 Two engines share the :class:`RolloutEngine` interface:
 
-* :class:`HFEngine`: ``model.generate`` of the training model itself (CPU, tests, small GPU runs);
-  the prompt batch is repeat-interleaved ``G`` times, which is correct for every family's image
-  tensors (``num_return_sequences`` would repeat InternVL's multi-tile ``pixel_values`` wrongly).
-* :class:`egm.rl.vllm_engine.VLLMEngine`: vLLM colocated with the trainer (GPU only).
+* :class:`egm.generation.hf.HFEngine`: ``model.generate`` of the training model itself (CPU,
+  tests, small GPU runs);
+* :class:`egm.generation.vllm.VLLMEngine`: vLLM colocated with the trainer.
 
 Response layout: token ids after the prompt, up to and *including* the first stop token
 (end-of-turn / eos / pad), right-padded with ``pad_token_id``; ``truncated`` marks responses that
@@ -20,7 +21,6 @@ hit ``max_new_tokens`` without a stop token (Table 5: max_response_length 1024).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from egm.generation import SamplingParams
+from egm.generation.sampling import SamplingParams
 from egm.models.base import GroundingAdapter
 
 
@@ -140,83 +140,3 @@ class RolloutEngine:
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """Push the policy's current weights (no-op for engines that sample with the policy itself)."""
-
-
-class HFEngine(RolloutEngine):
-    """Sampling with ``model.generate`` of the (live) training model.
-
-    Args:
-        adapter: the family adapter (prompt encoding, stop tokens, decoding).
-        model: the policy; generation runs in eval mode under ``no_grad``.
-        max_batch: responses per ``generate`` call (``None``: all ``P * G`` at once); bounds
-            memory like Table 5's "per device rollout batch size".
-    """
-
-    def __init__(self, adapter: GroundingAdapter, model: torch.nn.Module, max_batch: int | None = None):
-        self.adapter, self.model, self.max_batch = adapter, model, max_batch
-
-    @torch.no_grad()
-    def generate(self, examples: Sequence[Mapping[str, Any]], n: int, sampling: SamplingParams,
-                 seed: int | None = None) -> Rollout:
-        if n < 1:
-            raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
-        ad, model = self.adapter, self.model
-        encs = encode_prompts(ad, examples)
-        order = [j for j in range(len(encs)) for _ in range(n)]  # repeat-interleave: (P*G,)
-        step = self.max_batch or len(order) or 1
-        device = next(model.parameters()).device
-        forbidden = placeholder_token_ids(model.config)
-        was_training = model.training
-        model.eval()
-        rows: list[list[int]] = []
-        try:
-            with _seeded(seed, device):
-                for s in range(0, len(order), step):
-                    batch = ad.pad_batch([encs[j] for j in order[s:s + step]], "left")
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    out = model.generate(**batch, **sampling.hf_generate_kwargs(), pad_token_id=ad.pad_token_id,
-                                         suppress_tokens=sorted(forbidden) or None)
-                    rows += out[:, batch["input_ids"].shape[1]:].tolist()
-        finally:
-            model.train(was_training)
-        ids, mask, lengths, trunc = responses_from_rows(rows, ad.stop_token_ids(), sampling.max_new_tokens,
-                                                        ad.pad_token_id, forbidden)
-        texts = ad.decode(ids, 0)
-        return Rollout(list(examples), encs, ids, mask, lengths, trunc, texts, n)
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device):
-    """Seed torch's RNG for the block only (the training RNG stream is left untouched)."""
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-def token_logprobs(model: torch.nn.Module, inputs: Mapping[str, Tensor], completion_ids: Tensor,
-                   temperature: float = 1.0, with_entropy: bool = False,
-                   entropy_grad: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Log-probs ``(b, t)`` of ``completion_ids`` under ``model`` (and exact entropies ``(b, t)``).
-
-    Logits are divided by the rollout temperature, as verl and TRL do, so that the recomputed
-    distribution is the one responses were sampled from. Only the last ``t + 1`` positions are
-    projected to the vocabulary (``logits_to_keep``). ``entropy_grad=False`` computes the
-    entropy outside the autograd graph (logged only, when the entropy weight gamma is 0).
-    """
-    from egm.rl.grpo import entropy_from_logits
-
-    t = completion_ids.shape[1]
-    logits = model(**inputs, logits_to_keep=t + 1).logits[:, :-1]  # (b, t, V): position k predicts token k
-    logits = logits.float()
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    ent = None
-    if with_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            ent = entropy_from_logits(logits)
-    return logp, ent

@@ -22,7 +22,7 @@ Each training process owns one in-process ``vllm.LLM`` (engine core in the train
 Sleep mode (release weights and KV cache while the trainer updates) only where vLLM's platform
 supports it (CUDA, ROCm, XPU); on CPU it is switched off with a log line.
 
-vLLM's log-probs are never used: the trainer recomputes them (:func:`egm.rl.rollout.token_logprobs`).
+vLLM's log-probs are never used: the trainer recomputes them (:func:`egm.rl.ppo.token_logprobs`).
 Prompts are the adapter's own chat-template text plus the PIL image, so vLLM runs the same HF
 processor as the trainer; the prompt tensors for the loss come from the adapter.
 """
@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from egm.generation import SamplingParams
+from egm.generation.rollout import Rollout, RolloutEngine, encode_prompts, placeholder_token_ids, responses_from_rows
+from egm.generation.sampling import SamplingParams
 from egm.models.base import GroundingAdapter
-from egm.rl.rollout import Rollout, RolloutEngine, encode_prompts, placeholder_token_ids, responses_from_rows
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from egm.rl.grpo import group_has_spread, select_groups
-from egm.rl.rollout import Rollout
+from egm.generation.rollout import Rollout
 
 
 @dataclass

@@ -2,15 +2,16 @@
 
 One training batch of ``P`` prompts is one GRPO iteration, wired from separately tested parts:
 
-1. **rollout** -- ``G = n_samples`` responses per prompt (:mod:`egm.rl.rollout`: HF ``generate``
-   or colocated vLLM, weights pushed before every rollout);
-2. **reward** (Eq. 8) -- ``alpha * IoU + (1 - alpha) * [IoU > 0.5]`` (:func:`egm.reward.reward_from_texts`);
+1. **rollout** -- ``G = n_samples`` responses per prompt (:mod:`egm.generation`: HF ``generate``
+   or colocated vLLM, weights pushed before every rollout; :func:`egm.generation.engines.build_engine`);
+2. **reward** (Eq. 8) -- ``alpha * IoU + (1 - alpha) * [IoU > 0.5]`` (:func:`egm.reward.reward_from_texts`,
+   answers parsed by the adapter's own ``parse``);
 3. **advantage** (Eq. 7) -- group-normalised (:func:`egm.rl.grpo.group_advantages`);
 4. **old log-probs** -- the current policy before any update, no grad (skipped when the batch
    is consumed by exactly one optimiser step: then ``old = logp.detach()``, the same numbers);
 5. **reference log-probs** -- a frozen copy of the initial policy (with LoRA: the base model under
    ``disable_adapter()``), only when ``beta != 0``;
-6. **PPO updates** -- ``ppo_epochs`` passes over mini-batches of ``mini_batch_size`` prompts; each
+6. **PPO updates** (:func:`egm.rl.ppo.ppo_updates`) -- ``ppo_epochs`` passes over mini-batches of ``mini_batch_size`` prompts; each
    mini-batch is one optimiser step accumulated over micro-batches of ``micro_batch_size``
    responses, with the loss normalised by the mini-batch's *global* token count (all ranks), so
    the accumulated gradient equals the full mini-batch gradient; the LR schedule steps per
@@ -32,29 +33,45 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
-import time
 import warnings
-from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 
 from egm.config_checks import GRPO_RULES, check_ranges
-from egm.generation import TABLE5_ROLLOUT, SamplingParams
+from egm.generation.engines import build_engine
+from egm.generation.rollout import Rollout, RolloutEngine
+from egm.generation.sampling import TABLE5_ROLLOUT, SamplingParams
+from egm.generation.vllm import VLLMSettings
 from egm.models.base import GroundingAdapter, disable_dropout
 from egm.optim import build_optimizer
 from egm.reward import reward_from_texts
 from egm.rl.dynamic import dynamic_sampling as dapo_dynamic_sampling
 from egm.rl.grpo import Agg, group_advantages, grpo_loss, sampled_token_entropy
-from egm.rl.rollout import HFEngine, Rollout, RolloutEngine, token_logprobs
-from egm.rl.vllm_engine import VLLMSettings
-from egm.sft import GroundingEvalHooks, GroundingValidation
-from egm.strategies import begin_micro_batch, zero3_for_transformers
+from egm.rl.ppo import ppo_updates, token_logprobs
+from egm.strategies import begin_micro_batch
+from egm.timing import PhaseClock
+from egm.validation import GroundingEvalHooks, GroundingValidation
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReferencePolicy:
+    """Holds the frozen initial policy of the KL term (Eq. 5), or ``None`` (``beta == 0``, or LoRA,
+    where the base model under ``disable_adapter()`` is the reference).
+
+    A plain object rather than an ``nn.Module`` attribute: a LightningModule registers every module
+    it is given as a submodule, which would checkpoint, optimise and DDP/DeepSpeed-wrap the
+    reference; what this holder holds stays outside the module tree.
+    """
+
+    model: torch.nn.Module | None = None
 
 
 class GRPOModule(GroundingEvalHooks, LightningModule):
@@ -72,7 +89,7 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
             optimiser step (Table 5's reading) except for that start: a one-step shift.
         n_samples: ``G``, responses per prompt (Table 5: n_samples 16).
         rollout: rollout sampling; ``None``: Table 5's column for the adapter's family
-            (:data:`egm.generation.TABLE5_ROLLOUT`), with a warning, since a recipe should state it.
+            (:data:`egm.generation.sampling.TABLE5_ROLLOUT`), with a warning, since a recipe should state it.
         clip_eps: PPO clip ratio epsilon (0.2). beta: KL weight (Qwen 0.005, InternVL 0).
         gamma: entropy weight (Qwen 0, InternVL 0.01). alpha: reward weight (0.5).
         agg: ``"token-mean"`` (paper: token-level mean loss) or ``"seq-mean-token-mean"`` (Eq. 3/7).
@@ -155,52 +172,35 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         self.engine: RolloutEngine | None = None
         self.validation = GroundingValidation(self, val_sampling)
         self.last_stats: dict[str, Any] = {}  # numbers of the last training step (tests, debugging)
-        object.__setattr__(self, "ref_model", None)  # not a submodule: never checkpointed or optimised
+        self.reference = ReferencePolicy()
 
     # -- model -----------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.zero3_hf = zero3_for_transformers(self._trainer)  # kept alive: transformers holds a weakref
-        self.model = self.adapter.load_model()
+        self.model = self.load_policy()
         disable_dropout(self.model)
         self.model.train()  # from_pretrained returns eval mode; gradient checkpointing needs train mode
         if self.hparams.beta != 0.0 and self.adapter.lora is None:
             ref = self.adapter.load_model().eval()  # same checkpoint = the initial policy
             for p in ref.parameters():
                 p.requires_grad_(False)
-            object.__setattr__(self, "ref_model", ref)
+            self.reference.model = ref
 
     def collate_fn(self, stage: str):
         """Train: the examples themselves (rollouts need samples + images); eval: as SFT."""
         if stage == "train":
             return lambda examples: {"examples": list(examples)}
 
-        def collate_eval(examples):
-            return {"inputs": self.adapter.collate_generate(examples),
-                    "examples": [{"sample": ex["sample"]} for ex in examples]}
-
-        return collate_eval
-
-    def build_engine(self) -> RolloutEngine:
-        h = self.hparams
-        if h.engine == "hf":
-            return HFEngine(self.adapter, self.model, h.rollout_batch_size)
-        if h.engine == "vllm":
-            from dataclasses import asdict
-
-            from egm.rl.vllm_engine import VLLMEngine
-
-            t = self.trainer
-            return VLLMEngine(self.adapter, **asdict(self.vllm_settings or VLLMSettings()), rank=t.global_rank,
-                              local_rank=t.local_rank, world_size=t.world_size)
-        raise ValueError(f"engine must be 'hf' or 'vllm', got {h.engine!r}")
+        return self.collate_eval
 
     def on_fit_start(self) -> None:
-        if self.ref_model is not None:
-            self.ref_model.to(self.device)
-        if self.engine is None:
-            self.engine = self.build_engine()
+        if self.reference.model is not None:
+            self.reference.model.to(self.device)
+        if self.engine is None:  # tests may set their own engine first
+            t = self.trainer
+            self.engine = build_engine(self.hparams.engine, self.adapter, self.model, self.hparams.rollout_batch_size,
+                                       self.vllm_settings, t.global_rank, t.local_rank, t.world_size)
 
     # -- optimiser -------------------------------------------------------------------------
     def steps_per_batch(self, prompts: int) -> int:
@@ -229,8 +229,8 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         out = torch.zeros(ro.completion_ids.shape, dtype=torch.float32, device=self.device)
         model, ctx = self.model, contextlib.nullcontext()
         if reference:
-            if self.ref_model is not None:
-                model = self.ref_model
+            if self.reference.model is not None:
+                model = self.reference.model
             else:  # LoRA: the base model is the initial policy
                 ctx = self.model.disable_adapter()
         with ctx:
@@ -246,7 +246,7 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         h = self.hparams
         examples, G = batch["examples"], h.n_samples
-        clock = _Clock()
+        clock = PhaseClock()
         self.engine.update_weights(self.model)
         ro = self.engine.generate(examples, G, self.rollout, seed=self.rollout_seed())
         clock.lap("rollout")
@@ -277,7 +277,7 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         ref = self.score(ro, reference=True) if h.beta != 0.0 else None
         clock.lap("ref")
 
-        stats = self._ppo_updates(ro, adv, old, ref, mini)
+        stats = self.ppo_updates(ro, adv, old, ref, mini)
         clock.lap("update")
 
         lengths = ro.lengths.float()
@@ -307,7 +307,7 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         G, samples = ro.group_size, [ex["sample"] for ex in ro.examples]
         return reward_from_texts(ro.texts, [s.box for s in samples for _ in range(G)],
                                  [(s.width, s.height) for s in samples for _ in range(G)],
-                                 family=self.adapter.family, alpha=self.hparams.alpha)
+                                 parse=self.adapter.parse, alpha=self.hparams.alpha)
 
     # -- DAPO dynamic sampling -------------------------------------------------------------
     def refill_examples(self, n: int, round_: int) -> list[dict[str, Any]]:
@@ -333,69 +333,32 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         t = torch.tensor(float(n), device=self.device)
         return int(self.trainer.strategy.reduce(t, reduce_op="max"))
 
-    def _ppo_updates(self, ro: Rollout, adv, old, ref, mini: int) -> dict[str, Any]:
-        """``ppo_epochs`` x mini-batches of optimiser steps; returns averaged loss metrics."""
+    def ppo_updates(self, ro: Rollout, adv: torch.Tensor, old: torch.Tensor | None, ref: torch.Tensor | None,
+                    mini: int) -> dict[str, Any]:
+        """:func:`egm.rl.ppo.ppo_updates` wired to this module's model, optimiser and ranks."""
         h = self.hparams
         opt, sched = self.optimizers(), self.lr_schedulers()
-        mask_all = ro.completion_mask
-        gen = torch.Generator().manual_seed(self.rollout_seed())
-        B = len(ro)
-        shuffle = h.ppo_epochs > 1 or mini < B
-        sums: dict[str, float] = defaultdict(float)
-        mb_losses: list[float] = []
-        first_mb: dict[str, float] = {}
-        exact_grad = h.gamma != 0.0 and h.entropy == "exact"
-        for _ in range(h.ppo_epochs):
-            order = torch.randperm(B, generator=gen) if shuffle else torch.arange(B)
-            for mb in order.split(mini):
-                normalizer = self._global_normalizer(mask_all[mb])
-                mb_sums: dict[str, float] = defaultdict(float)
-                micro = mb.split(h.micro_batch_size)
-                for i, mc in enumerate(micro):
-                    begin_micro_batch(self._trainer, last=i == len(micro) - 1)  # DeepSpeed: accumulate
-                    logp, ent, comp, mask = self._forward_logp(self.model, ro, mc, True, exact_grad)
-                    if h.entropy == "sampled":
-                        ent = sampled_token_entropy(logp)
-                    t, dmc = comp.shape[1], mc.to(self.device)
-                    loss, m = grpo_loss(logp, logp.detach() if old is None else old[dmc, :t], adv[dmc], mask,
-                                        None if ref is None else ref[dmc, :t], ent, h.clip_eps, h.beta, h.gamma,
-                                        h.agg, normalizer=normalizer)
-                    self.manual_backward(loss)
-                    ntok = float(m["num_tokens"])
-                    mb_sums["loss"] += float(loss.detach())
-                    mb_sums["tokens"] += ntok
-                    for k in ("clip_frac", "ppo_kl"):
-                        mb_sums[k] += float(m[k]) * ntok
-                    for k in ("pg_loss", "kl", "entropy"):  # already normalised by the mini-batch
-                        if k in m:
-                            mb_sums[k] += float(m[k])
-                if h.max_grad_norm is not None:
-                    self.clip_gradients(opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-                tok = max(mb_sums["tokens"], 1.0)
-                mb_stats = {"loss": mb_sums["loss"], "pg_loss": mb_sums["pg_loss"],
-                            "clip_frac": mb_sums["clip_frac"] / tok, "ppo_kl": mb_sums["ppo_kl"] / tok,
-                            **{k: mb_sums[k] for k in ("kl", "entropy") if k in mb_sums}}
-                first_mb = first_mb or mb_stats
-                mb_losses.append(mb_sums["loss"])
-                for k, v in mb_stats.items():
-                    sums[k] += v
-        n = max(len(mb_losses), 1)
-        out: dict[str, Any] = {k: v / n for k, v in sums.items()}
-        out["optimizer_steps"] = len(mb_losses)
-        out["minibatch_losses"] = mb_losses
-        out["first_minibatch"] = first_mb
-        return out
 
-    def _global_normalizer(self, mask: torch.Tensor) -> torch.Tensor:
-        """Mini-batch denominator over all ranks / world size (DDP then averages gradients)."""
-        local = mask.sum() if self.hparams.agg == "token-mean" else torch.tensor(mask.shape[0])
-        local = local.to(self.device, torch.float32)
+        exact_grad = h.gamma != 0.0 and h.entropy == "exact"  # else the entropy is only logged
+
+        def forward(idx: torch.Tensor):
+            logp, ent, _, mask = self._forward_logp(self.model, ro, idx, True, exact_grad)
+            return logp, sampled_token_entropy(logp) if h.entropy == "sampled" else ent, mask
+
+        def optimizer_step() -> None:
+            if h.max_grad_norm is not None:
+                self.clip_gradients(opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+
         world = self.trainer.world_size if self._trainer else 1
-        total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum") if world > 1 else local
-        return (total / world).clamp_min(1.0 / world)
+        loss = functools.partial(grpo_loss, clip_eps=h.clip_eps, beta=h.beta, gamma=h.gamma, agg=h.agg)
+        return ppo_updates(forward, loss, ro.completion_mask, adv, old, ref, mini=mini, micro=h.micro_batch_size,
+                           backward=self.manual_backward, optimizer_step=optimizer_step, epochs=h.ppo_epochs,
+                           agg=h.agg, seed=self.rollout_seed(),
+                           begin_micro_batch=lambda last: begin_micro_batch(self._trainer, last),
+                           reduce_sum=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), world=world)
 
 
 def _sampling(p: SamplingParams | dict) -> SamplingParams:
@@ -411,20 +374,3 @@ def table5_rollout(family: str) -> SamplingParams:
     warnings.warn(f"model.rollout is not set: using Table 5's {family} rollout column {p}; state it in the "
                   f"config (model.init_args.rollout) to silence this", UserWarning, stacklevel=3)
     return p
-
-
-class _Clock:
-    """Wall-clock laps of the step's phases (rollout / reward / old_logp / ref / update)."""
-
-    def __init__(self):
-        self.t: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.t[name] = self.t.get(name, 0.0) + now - self._last
-        self._last = now
-
-    @property
-    def total(self) -> float:
-        return sum(self.t.values())
