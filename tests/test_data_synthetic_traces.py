@@ -42,7 +42,14 @@ def test_synthetic_traces_are_short_and_grounded():
             if d == "amodal":
                 occ = s.meta["objects"][s.meta["occluder"]]
                 assert f"hidden by the {occ['colour']} {occ['shape']}" in s.reasoning
-                assert guidance_text(amodal_guidance(s.visible_box, s.box)) in s.reasoning
+                (vx1, vy1, vx2, vy2), (ax1, ay1, ax2, ay2) = s.visible_box, s.box
+                hidden = {"to the left": (vx1 - ax1, vx2 - vx1), "to the right": (ax2 - vx2, vx2 - vx1),
+                          "upward": (vy1 - ay1, vy2 - vy1), "downward": (ay2 - vy2, vy2 - vy1)}
+                for phrase, (px, extent) in hidden.items():  # from the pixels, not from the rule's code
+                    if px >= 3 and px >= 0.05 * extent:
+                        assert phrase in s.reasoning, (phrase, s.reasoning)
+                    if px == 0:
+                        assert phrase not in s.reasoning, (phrase, s.reasoning)
                 assert any(w in s.reasoning for _, w in AMOUNT_TERMS)
             if d == "ordinal":
                 assert f"counting from the {s.meta['expression']['direction']}" in s.reasoning
