@@ -27,7 +27,7 @@ from egm.curation.client import OpenAITeacher, TeacherConfig
 from egm.curation.draw import GREEN, RED, from_data_url
 from egm.curation.failures import run_failure_analysis
 from egm.curation.jobs import amodal_pipeline, curate, vanilla_reasoning
-from egm.curation.selection import read_predictions
+from egm.eval.predictions import read_predictions
 from egm.data.manifest import Sample, read_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from egm.curation.failures import (
     parse_failure_analysis,
     summary_markdown,
 )
-from egm.curation.selection import Prediction
+from egm.scoring import Prediction
 from egm.data.manifest import Sample, read_manifest, write_manifest
 
 GOOD = [
@@ -51,7 +51,7 @@ def test_parse_malformed(text):
 
 
 def _p(i, ok, iou=None):
-    return Prediction(i, iou if iou is not None else (0.9 if ok else 0.1), ok)
+    return Prediction(id=i, iou=iou if iou is not None else (0.9 if ok else 0.1), success=ok)
 
 
 def test_summary_table1():

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from egm.curation.selection import read_predictions, select_by_learnability, select_rl_data
+from egm.curation.selection import select_by_learnability, select_rl_data
 from egm.data.manifest import ManifestError, Sample, read_manifest, write_manifest
+from egm.eval.predictions import read_predictions
 
 
 def _s(i, task="vanilla"):

@@ -25,9 +25,10 @@ from egm.curation.client import Teacher, TeacherConfig, TeacherError, TeacherReq
 from egm.curation.draw import GREEN, RED, Overlay
 from egm.curation.jobs import make_teacher, run_requests
 from egm.curation.prompts import FAILURE_ANALYSIS, PromptTemplate, format_box
-from egm.curation.selection import Prediction, read_predictions
 from egm.data.manifest import Sample, read_manifest, write_manifest
+from egm.eval.predictions import read_predictions
 from egm.geometry import to_rel999
+from egm.scoring import Prediction
 
 CATEGORIES = ("COMPLEX_PROMPT", "AMBIGUOUS_IMAGE", "SMALL_OBJECT", "GT_ERROR", "OTHER")
 CONFIDENCES = ("high", "medium", "low")
@@ -118,7 +119,7 @@ def run_failure_analysis(
     for p in predictions.values():
         if success(p.iou):
             continue
-        if p.extra.get("failure") == "image_error":  # the evaluator could not read the image
+        if p.failure == "image_error":  # the evaluator could not read the image
             failures.append({"id": p.id, "job": FAILURE_ANALYSIS.name, "kind": "skipped", "reason": "image_error record"})
             continue
         s = samples.get(p.id)

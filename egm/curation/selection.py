@@ -12,87 +12,27 @@ For every vanilla sample ``d_i`` the reference model (a strong grounding model) 
 Samples absent from either prediction file have no learnability: they are excluded from both
 sets and listed in the statistics (``strict`` makes them an error) rather than silently dropped.
 
-Prediction files are JSONL, one object per sample, written by the evaluator: ``id`` and ``iou``
-are required; ``success`` (else ``iou > 0.5``), ``pred_box``/``gt_box`` (pixel ``xyxy``; ``null``
-when no box could be parsed), ``sentence`` and anything else are optional.
+Prediction files are JSONL, one :class:`egm.scoring.Prediction` per sample, read with the one
+validated reader, :func:`egm.eval.predictions.read_predictions`: ``id`` and ``iou`` are required;
+``success`` (else ``iou > 0.5``), ``pred_box``/``gt_box`` (pixel ``xyxy``; ``null`` when no box could
+be parsed), ``sentence`` and anything else are optional.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from egm.boxes import success
-from egm.data.manifest import ManifestError, Sample, read_manifest, write_manifest
-from egm.eval.predictions import scan_jsonl
+from egm.data.manifest import Sample, read_manifest, write_manifest
+from egm.eval.predictions import read_predictions
+from egm.scoring import Prediction
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One line of an evaluator prediction file (optional fields may be None)."""
-
-    id: str
-    iou: float
-    success: bool
-    pred_box: list[float] | None = None
-    gt_box: list[float] | None = None
-    sentence: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _box_or_none(v: Any, path: Path, n: int, name: str) -> list[float] | None:
-    if v is None:
-        return None
-    if not isinstance(v, (list, tuple)) or len(v) != 4 or not all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v
-    ):
-        raise ManifestError(path, n, name, f"must be null or 4 finite numbers, got {v!r}")
-    return [float(x) for x in v]
-
-
-def read_predictions(path: str | os.PathLike) -> dict[str, Prediction]:
-    """Read a prediction JSONL file -> ``{id: Prediction}`` (file order); errors name file, line, field.
-
-    The evaluator appends record by record, so a killed evaluation may leave a partial last line
-    (no trailing newline): it is ignored. ``iou: null`` (no box, image error) reads as 0.
-    """
-    path = Path(path)
-    out: dict[str, Prediction] = {}
-    for n, obj in scan_jsonl(path)[0]:
-        pid = obj.get("id")
-        if not isinstance(pid, str) or not pid:
-            raise ManifestError(path, n, "id", f"must be a non-empty string, got {pid!r}")
-        if pid in out:
-            raise ManifestError(path, n, "id", f"duplicate id {pid!r}")
-        if "iou" not in obj:
-            raise ManifestError(path, n, "iou", "missing")
-        iou = 0.0 if obj["iou"] is None else obj["iou"]
-        if isinstance(iou, bool) or not isinstance(iou, (int, float)) or not math.isfinite(iou):
-            raise ManifestError(path, n, "iou", f"must be a finite number or null, got {iou!r}")
-        ok = obj.get("success")
-        if ok is None:
-            ok = success(float(iou))
-        elif not isinstance(ok, bool):
-            raise ManifestError(path, n, "success", f"must be true/false, got {ok!r}")
-        sentence = obj.get("sentence")
-        known = {"id", "iou", "success", "pred_box", "gt_box", "sentence"}
-        out[pid] = Prediction(
-            id=pid, iou=float(iou), success=ok,
-            pred_box=_box_or_none(obj.get("pred_box"), path, n, "pred_box"),
-            gt_box=_box_or_none(obj.get("gt_box"), path, n, "gt_box"),
-            sentence=sentence if isinstance(sentence, str) else None,
-            extra={k: v for k, v in obj.items() if k not in known},
-        )
-    return out
 
 
 @dataclass

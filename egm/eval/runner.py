@@ -37,6 +37,7 @@ from typing import Any
 
 from PIL import Image
 
+from egm.answers import parse_answer
 from egm.data.manifest import Sample, read_manifest
 from egm.eval.benchmarks import canonical_split, refcoco_splits_in
 from egm.eval.latency import Clock, latency_stats, latency_subset, timed_call
@@ -62,9 +63,7 @@ ParseFn = Callable[[str, int, int], Any]
 
 
 def default_parse_fn(text: str, width: int, height: int) -> Any:
-    """:func:`egm.answers.parse_answer` with family auto-detection (imported lazily)."""
-    from egm.answers import parse_answer
-
+    """:func:`egm.answers.parse_answer` with family auto-detection."""
     return parse_answer(text, width, height, family="auto")
 
 
