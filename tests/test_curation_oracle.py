@@ -12,11 +12,11 @@ from egm.curation.client import Teacher, TeacherConfig, TeacherError
 from egm.curation.failures import parse_failure_analysis, run_failure_analysis
 from egm.curation.jobs import curate, make_teacher, vanilla_request, verify_descriptions
 from egm.curation.oracle import OracleTeacher, synthetic_description
-from egm.curation.selection import Prediction
 from egm.data.manifest import Sample, read_manifest, write_manifest
 from egm.data.synthetic import (
     DIFFICULTIES, VANILLA_DIFFICULTIES, make_synthetic, parse_expression, resolve, sentence_of, synthetic_trace,
 )
+from egm.scoring import Prediction
 
 ORACLE = "egm.curation.oracle:OracleTeacher"
 
@@ -115,10 +115,11 @@ def test_vanilla_reasoning_needs_a_synthetic_scene():
 
 
 def test_failure_analysis_categories_follow_the_difficulty(val, tmp_path):
-    preds = {s.id: Prediction(s.id, 0.1, False, [0, 0, 4, 4], s.box, s.sentence) for s in val}
+    preds = {s.id: Prediction(id=s.id, iou=0.1, success=False, pred_box=[0, 0, 4, 4], gt_box=s.box,
+                              sentence=s.sentence) for s in val}
     real = Sample("r", "x.png", 640, 480, "the second cup from the left", "vanilla", [100, 100, 300, 300], "val", "refcoco")
     tiny = Sample("t", "x.png", 640, 480, "the cup", "vanilla", [10, 10, 30, 30], "val", "refcoco")
-    preds |= {x.id: Prediction(x.id, 0.0, False, None, x.box, x.sentence) for x in (real, tiny)}
+    preds |= {x.id: Prediction(id=x.id, iou=0.0, success=False, gt_box=x.box, sentence=x.sentence) for x in (real, tiny)}
     samples = {s.id: s for s in [*val, real, tiny]}
     with ReplyCache(tmp_path / "c.jsonl") as cache:
         res = run_failure_analysis(preds, samples, OracleTeacher(), cache, tag="m", concurrency=1)

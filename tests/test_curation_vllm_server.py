@@ -31,8 +31,8 @@ from egm.curation.client import OpenAITeacher, TeacherConfig
 from egm.curation.draw import from_data_url
 from egm.curation.failures import run_failure_analysis
 from egm.curation.jobs import amodal_descriptions, amodal_reasoning, vanilla_reasoning, verify_descriptions
-from egm.curation.selection import Prediction
 from egm.data.manifest import Sample
+from egm.scoring import Prediction
 
 W, H = 80, 60
 MODEL = "tiny-vlm"
