@@ -177,10 +177,11 @@ def test_dynamic_sampling_replaces_zero_spread_groups(world, monkeypatch):
     assert (s["advantages"].view(2, 3).abs().sum(1) > 0).all()
 
 
-def test_reward_parses_with_the_adapters_own_parser(world):
+def test_reward_parses_with_the_adapters_own_parser(world, monkeypatch):
     """An adapter that overrides ``parse`` reaches the GRPO reward, as it reaches validation."""
     from multirank import FixedEngine
 
+    import egm.reward
     from egm.answers import ParsedAnswer
     from egm.boxes import iou
     from egm.data.datamodule import GroundingDataset
@@ -190,6 +191,8 @@ def test_reward_parses_with_the_adapters_own_parser(world):
         def parse(self, text, width, height):  # every answer: the whole image
             return ParsedAnswer("", (0.0, 0.0, float(width), float(height)), None, None, 1)
 
+    # the real reward (multirank.grpo_module, run earlier in the suite, replaces it for good)
+    monkeypatch.setattr(rl_module, "reward_from_texts", egm.reward.reward_from_texts)
     ck, paths = world
     m = GRPOModule(WholeImage(str(ck)), n_samples=2, rollout=ROLLOUT, alpha=0.5)
     ds = GroundingDataset(read_manifest(paths["train"])[:2])
