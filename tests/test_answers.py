@@ -14,7 +14,7 @@ from egm import answers
 from egm.answers import ParsedAnswer, ParseFailure, parse_answer, parse_failure_rate
 from egm.boxes import area
 
-FIXTURES = Path("/work/shared/fixtures")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # RefCOCO ann 1719310 ("the lady with the blue shirt"), COCO_train2014_000000581857.jpg, 427x640:
 # InternVL's SFT data gives it as rel [243, 469, 558, 746]; pixel = rel / 1000 * size.

@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 
 from egm import boxes as B
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def test_worked_example_refcoco_ann_1719310():
@@ -19,7 +19,6 @@ def test_worked_example_refcoco_ann_1719310():
     assert B.to_rel1000(xyxy, 427, 640) == (243, 469, 558, 746)
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason="shared fixtures not present")
 def test_worked_example_matches_fixtures():
     refs = json.loads((FIXTURES / "refer_refs_unc_sample.json").read_text())
     facts = refs["derived_facts_for_ref0"]

@@ -12,7 +12,7 @@ from egm.data.refer import (
     STANDARD_EVAL_SPLITS, TRAIN_SPLIT_SIZES, check_split_sizes, import_refer, load_refer, split_counts,
 )
 
-FIXTURES = Path("/work/shared/fixtures")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # Real record: refcoco refs(unc).p data[0] (MarkHershey/refer README), copied verbatim.
 REF0 = {
@@ -116,7 +116,6 @@ def test_split_counts(tmp_path):
                  "refcoco_unc_testA": {"refs": 1, "images": 1, "expressions": 2}}
 
 
-@pytest.mark.skipif(not (FIXTURES / "refcoco_split_sizes.json").exists(), reason="shared fixtures absent")
 def test_embedded_sizes_match_fixture():
     fx = json.loads((FIXTURES / "refcoco_split_sizes.json").read_text())
     table = {f"{e['dataset']}_{e['splitBy']}_{e['split']}": {k: e[k] for k in ("refs", "images", "expressions")}

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from egm.boxes import rel1000_max_error, xywh_to_xyxy
 from egm.models import InternVLAdapter, Qwen3VLAdapter, task_prompt
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # Typed from the paper (appendix A.2, Figure 7), not copied from egm/.
 PAPER = {
@@ -44,8 +44,6 @@ def test_prompt_keeps_braces_and_rejects_unknown_task():
 
 def test_internvl_target_matches_official_refcoco_sft_data():
     path = FIXTURES / "internvl_refcoco_sft_sample.jsonl"
-    if not path.exists():
-        pytest.skip("shared fixtures absent")
     rec = json.loads(path.read_text().splitlines()[0])
     # RefCOCO ann of "the lady with the blue shirt" (COCO xywh), image 427x640.
     box = xywh_to_xyxy([103.93, 299.99, 134.22, 177.42])
@@ -58,8 +56,6 @@ def test_internvl_target_matches_official_refcoco_sft_data():
 
 def test_qwen_target_matches_cookbook_and_qwen_scale():
     path = FIXTURES / "qwen_box_conventions.json"
-    if not path.exists():
-        pytest.skip("shared fixtures absent")
     conv = json.loads(path.read_text())["qwen2vl_and_qwen3vl_relative_0_1000"]
     h, w = conv["image_h_w"]
     target = QWEN.format_target(conv["example_input_abs_xyxy"], w, h, 'the "big" cake', reasoning="It is big.")

@@ -21,7 +21,6 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict
 
 SHAPES = ((4, 16, 96), (8, 16, 256))  # the demo's shape (4 prompts x G 16, 96 tokens), and a larger one
 
