@@ -68,7 +68,6 @@ def bench_engines(family: str, root: str, repeat: int) -> None:
         rh, rv = ro_h.num_tokens / th, ro_v.num_tokens / tv
         print(f"{f'{p} x {g} x {t}':>22} | {th:7.2f} {rh:9.0f} | {tv:7.2f} {rv:10.0f} | {rv / rh:5.2f}x"
               f"   (tokens: HF {ro_h.num_tokens}, vLLM {ro_v.num_tokens})")
-    del vl
 
 
 def bench_grpo_step(family: str, root: str, steps: int) -> None:
