@@ -101,8 +101,10 @@ def decode_weight_bytes(config, bytes_per_param: int = 2) -> tuple[int, int]:
     weights once), counted on the meta device."""
     from transformers import Qwen3VLForConditionalGeneration
 
+    from egm.compat import model_from_config
+
     with torch.device("meta"):
-        model = Qwen3VLForConditionalGeneration._from_config(config)
+        model = model_from_config(Qwen3VLForConditionalGeneration, config)
     params = dict(model.named_parameters())  # tied parameters appear once
     decode = sum(p.numel() for n, p in params.items() if ".visual." not in n)
     return sum(p.numel() for p in params.values()), decode * bytes_per_param
@@ -116,6 +118,7 @@ def build_checkpoint(work: Path, tiny: bool, device: str) -> Path:
     """A checkpoint folder: the tiny one, or the 2B shape with random bf16 weights (written once)."""
     from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
 
+    from egm.compat import model_from_config
     from egm.models.tiny import tiny_checkpoint
 
     tiny_dir = tiny_checkpoint("qwen3_vl", work / "tiny")
@@ -131,7 +134,7 @@ def build_checkpoint(work: Path, tiny: bool, device: str) -> Path:
     cfg = model_config(AutoTokenizer.from_pretrained(tiny_dir))
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen3VLForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16)
+        model = model_from_config(Qwen3VLForConditionalGeneration, cfg, dtype=torch.bfloat16)
     model.save_pretrained(out)
     del model
     (out / _READY).write_text(json.dumps({"shape": "Qwen3-VL-2B", "seed": 0}))
