@@ -25,7 +25,7 @@ helpers below, each a no-op without DeepSpeed:
 
 :class:`CPUDeepSpeedStrategy` is for the test suite and CPU smoke runs only (gloo, no GPU): it
 lifts Lightning's three CPU refusals. It and :func:`begin_micro_batch` rely on Lightning /
-DeepSpeed private API, listed in :data:`INTERNALS` and checked by ``tests/test_deepspeed.py``, so
+DeepSpeed private API, listed in :data:`INTERNALS` and checked by ``tests/test_strategies.py``, so
 that an upgrade that changes it fails there, loudly, instead of silently changing what runs.
 """
 

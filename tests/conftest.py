@@ -1,4 +1,8 @@
-"""Fixtures shared by the test suite: tiny offline checkpoints and one torch thread."""
+"""Fixtures shared by the test suite: tiny offline checkpoints and one torch thread.
+
+The tests mirror the package: ``tests/<package>/test_<module>.py`` tests ``egm/<package>/<module>.py``;
+files they read live in ``tests/fixtures/`` (see its SOURCE.md).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,9 @@ import pytest
 # (transformers and peft probe it), in this process and in every subprocess a test starts:
 # without it DeepSpeed guesses, and prints its guess on stdout (breaking `--print_config` YAML).
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+# the helper modules beside this file (multirank, toy_lightning), for tests in tests/<package>/
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 class TinyDirs(dict):

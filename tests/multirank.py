@@ -1,4 +1,4 @@
-"""Shared by the multi-process tests (``test_ddp.py``, ``test_deepspeed.py``).
+"""Shared by the multi-process tests (``test_ddp.py``, ``test_strategies.py``).
 
 * fixed GRPO rollouts and rewards, the same per (prompt, sample index) on whichever rank or in
   whichever batch they are drawn, so that a 2-process run and a 1-process run see the same data;
@@ -101,7 +101,9 @@ def uneven_world(root: Path, ck: Path) -> str:
 
 def launch(script: str, *args: str, timeout: int = 300) -> str:
     """Run ``python script args...`` (one torch thread, DeepSpeed on its CPU accelerator); its stdout."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    # the repository (egm) and tests/ (this module, for scripts in tests/<package>/)
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     r = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=timeout)
     assert r.returncode == 0, r.stderr[-6000:]

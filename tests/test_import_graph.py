@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("sft+rl", ("egm.sft", "egm.rl")),
     ("eval+callbacks", ("egm.eval", "egm.callbacks")),
     ("curation", ("egm.curation",)),
-    ("commands", ("egm.cli", "egm.demo")),
+    ("commands", ("egm.cli",)),
 ]
 
 

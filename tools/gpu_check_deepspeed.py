@@ -6,7 +6,7 @@ It reports, per stage, the time of each step and the HF engine's rollout tokens/
 memory-bandwidth bound of decoding: each decode step reads every language-model weight once for
 the whole batch, so ``tokens/s <= batch x bandwidth / weight bytes`` (H200: 4.8 TB/s). KV-cache
 reads and the prefill are left out, so the bound is optimistic. The CPU test suite proves the
-numerics (``tests/test_deepspeed.py``); this checks that the same code runs on a GPU, at what
+numerics (``tests/test_strategies.py``); this checks that the same code runs on a GPU, at what
 speed, and within memory.
 
 No network and no weights are needed: the weights are random (written once to ``--work``, 4.3 GB

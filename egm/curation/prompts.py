@@ -3,7 +3,7 @@
 Each prompt is a :class:`PromptTemplate` whose ``key`` (``name@version``) is part of the cache
 key of every teacher request made with it: editing a template's text without bumping its
 version would let the cache serve replies to the old wording, so the test suite pins a hash of
-each text (``tests/test_curation_prompts.py``).
+each text (``tests/curation/test_prompts.py``).
 
 Version ``paper-v1`` is the wording of the figures, copied verbatim. The paper's text came to us
 through a PDF-to-Markdown conversion, so three kinds of conversion artefacts were undone (the

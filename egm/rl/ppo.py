@@ -9,7 +9,7 @@ gradients), so the accumulated gradient equals that of the whole global mini-bat
 whatever the micro-batch split or the ranks' response lengths.
 
 The caller supplies the model side as callables, so the loop runs without a ``Trainer``
-(``tests/test_rl_ppo.py`` checks it against a float64 reference on a toy policy):
+(``tests/rl/test_ppo.py`` checks it against a float64 reference on a toy policy):
 
 * ``forward(idx) -> (logp, entropy, mask)``: ``(b, t)`` log-probs (with grad), entropies (or
   ``None``) and response mask of the responses ``idx`` (:func:`token_logprobs`);

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes (gloo, ``egm.strategies.CPUDeepSpeedStrategy``),
 each checked against an independent path: the same step in 1 process without DeepSpeed.
 
-One launch per ZeRO stage (this file is the script: ``python tests/test_deepspeed.py STAGE CK TRAIN
+One launch per ZeRO stage (this file is the script: ``python tests/test_strategies.py STAGE CK TRAIN
 OUT``) runs several fits in the same 2 processes; rank 0 writes what the tests compare:
 
 1. **GRPO**: one optimiser step accumulated over 3 micro-batches per rank (fixed rollouts, as in

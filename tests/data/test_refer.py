@@ -12,7 +12,7 @@ from egm.data.refer import (
     STANDARD_EVAL_SPLITS, TRAIN_SPLIT_SIZES, check_split_sizes, import_refer, load_refer, split_counts,
 )
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 # Real record: refcoco refs(unc).p data[0] (MarkHershey/refer README), copied verbatim.
 REF0 = {

@@ -1,4 +1,6 @@
-"""The RL recipes resolve through the real CLI (`egm fit --config ... --print_config`)."""
+"""The RL recipes resolve through the real CLI (`egm fit --config ... --print_config`), and the
+paper recipes carry the numbers of the paper's Table 5, read from the table itself
+(``tests/fixtures/paper_table5.tsv``, copied verbatim from the paper)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,40 @@ import yaml
 from egm import cli
 from egm.generation.sampling import TABLE5_ROLLOUT, SamplingParams
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+TABLE5 = ROOT / "tests" / "fixtures" / "paper_table5.tsv"
+COLUMN = {"qwen3_vl": 1, "internvl": 2}  # "RL of QwenVL Model Series", "RL of InternVL Model Series"
+
+
+def table5(family: str) -> dict[str, float]:
+    """One column of Table 5 as ``{row name: number}`` (non-numeric rows such as dtype are strings)."""
+    out: dict[str, float] = {}
+    for line in TABLE5.read_text(encoding="utf-8").splitlines()[2:]:
+        cells = line.split("\t")
+        if len(cells) == 3 and cells[1]:
+            try:
+                out[cells[0]] = float(cells[COLUMN[family]])
+            except ValueError:
+                out[cells[0]] = cells[COLUMN[family]]
+    return out
+
+
+@pytest.mark.parametrize("name, family", [("rl_qwen3vl", "qwen3_vl"), ("rl_internvl", "internvl")])
+def test_paper_recipes_carry_table5(capsys, monkeypatch, name, family):
+    t = table5(family)
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit):
+        cli.lightning_cli(["fit", "--config", f"configs/{name}.yaml", "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    m, r = cfg["model"]["init_args"], cfg["model"]["init_args"]["rollout"]
+    assert cfg["trainer"]["max_epochs"] == t["epochs"]
+    assert cfg["data"]["init_args"]["batch_size"] * cfg["trainer"]["devices"] == t["batch size"]
+    assert m["clip_eps"] == t["clip_ratio $\\epsilon$"] and m["alpha"] == t["reward weight $\\alpha$"]
+    assert m["beta"] == t["KL weight $\\beta$"] and m["gamma"] == t["Entropy weight $\\gamma$"]
+    assert m["lr"] == t["LR"] and m["warmup_steps"] == t["LR warmup steps"] and t["LR scheduler name"] == "cosine"
+    assert m["n_samples"] == t["n_samples"] and r["max_new_tokens"] == t["max_response_length"]
+    assert (r["temperature"], r["top_p"], r["top_k"]) == (t["temperature"], t["top_p"], t["top_k"])
+    assert SamplingParams(**r) == TABLE5_ROLLOUT[family]  # the library's table agrees with the paper's
 
 
 @pytest.mark.parametrize("name, beta, gamma, temperature, top_p, top_k", [

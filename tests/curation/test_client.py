@@ -30,7 +30,7 @@ from egm.curation.jobs import amodal_pipeline, curate, vanilla_reasoning
 from egm.eval.predictions import read_predictions
 from egm.data.manifest import Sample, read_manifest, write_manifest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 W, H = 80, 60
 
 

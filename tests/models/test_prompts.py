@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from egm.boxes import rel1000_max_error, xywh_to_xyxy
 from egm.models import InternVLAdapter, Qwen3VLAdapter, task_prompt
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 # Typed from the paper (appendix A.2, Figure 7), not copied from egm/.
 PAPER = {

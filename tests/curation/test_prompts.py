@@ -17,7 +17,7 @@ from egm.curation.prompts import (
     format_box,
 )
 
-PAPER = Path(__file__).resolve().parent / "fixtures" / "paper_prompt_figures.md"  # the figures, verbatim
+PAPER = Path(__file__).resolve().parents[1] / "fixtures" / "paper_prompt_figures.md"  # the figures, verbatim
 
 # Changing a template's text must come with a new version (the cache key): bump both together.
 PINNED = {

@@ -6,7 +6,7 @@ counting proxy sits in front of it: it forwards each request unchanged and recor
 server received and what it answered, so the tests can count requests paid for. The tiny
 random model's replies are gibberish, so most replies are recorded as malformed; what is under
 test is the path: requests with images as data URLs, real HTTP, real replies, the cache.
-The fake-server tests of the client (faults by attempt number) stay in ``test_curation_api.py``.
+The fake-server tests of the client (faults by attempt number) stay in ``curation/test_client.py``.
 """
 
 from __future__ import annotations
