@@ -69,17 +69,26 @@ _RULE = re.compile(
 )
 
 
-def _ok(v: Any, m: re.Match) -> bool:
-    if m["int"]:
-        if isinstance(v, bool) or not isinstance(v, int):
-            return False
-    elif isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
+def finite_number(v: Any) -> float | None:
+    """``v`` as a float if it is a real number (not a bool) and finite, else None.
+
+    Integers too large for a float (``10**400``) are None, not an ``OverflowError``. Configs and
+    the data layer's JSON records check their numbers with this one function.
+    """
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
     try:
         x = float(v)
     except OverflowError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _ok(v: Any, m: re.Match) -> bool:
+    if m["int"] and not isinstance(v, int):
         return False
-    if not math.isfinite(x):
+    x = finite_number(v)
+    if x is None:
         return False
     if m["op"]:
         n = float(m["num"])

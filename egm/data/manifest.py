@@ -48,13 +48,14 @@ some of them empty), but reading one is never silent; consumers that cannot work
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from egm.config_checks import finite_number
 
 TASKS = ("vanilla", "amodal")
 _REQUIRED = ("id", "image", "width", "height", "sentence", "task", "box", "split", "source")
@@ -177,18 +178,6 @@ def _short(v: Any, limit: int = 80) -> str:
     return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
-def finite_number(v: Any) -> float | None:
-    """``v`` as a float if it is a real JSON number (not a bool) and finite, else None.
-
-    Integers too large for a float (``10**400``) are None, not an ``OverflowError``.
-    """
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    try:
-        x = float(v)
-    except OverflowError:
-        return None
-    return x if math.isfinite(x) else None
 
 
 def _inside(b: list[float], x0: float, y0: float, x1: float, y1: float) -> bool:

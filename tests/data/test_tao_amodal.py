@@ -105,11 +105,11 @@ def test_bad_annotation_names_file_id_and_field(key, value, field, msg):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("field, value", [("height", -720), ("width", 10**400), ("width", "1280")])
-def test_bad_image_size_names_the_image(field, value):
+def test_bad_image_size_names_the_image():
+    """The image table check is the shared ``images_by_id`` (its cases: tests/data/test_cocoa.py)."""
     data = tao_json()
-    data["images"][0][field] = value
-    with pytest.raises(ManifestError, match=rf"t\.json: field '{field}': image #0 \(id 10\): must be an integer"):
+    data["images"][0]["width"] = "1280"
+    with pytest.raises(ManifestError, match=r"t\.json: field 'width': image #0 \(id 10\): must be an integer"):
         tao_amodal_samples(data, image_dir="i", split="s", path="t.json")
 
 
