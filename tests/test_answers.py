@@ -416,14 +416,24 @@ ADVERSARIAL = {
 
 @pytest.mark.parametrize("name", list(ADVERSARIAL))
 def test_adversarial_megabyte_inputs_parse_in_linear_time(name):
-    """Every family parses each 1 MB input in under 1 s (measured: at most ~0.2 s here)."""
+    """Every family parses each 1 MB input in under 1 s (measured: at most ~0.2 s here).
+
+    The best of 3 timings is compared: a quadratic parser takes hours on these inputs whichever
+    attempt is timed, while a single timing on a loaded CI machine can catch a pause of the
+    process (seen once: 1.05 s for an input that parses in 0.09 s).
+    """
     import time
 
     text = ADVERSARIAL[name]
     assert MB - 64 <= len(text) <= MB
     for family in answers.FAMILIES:
-        t0 = time.perf_counter()
-        p = answers._parse(text, W, H, family)
-        elapsed = time.perf_counter() - t0
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            p = answers._parse(text, W, H, family)
+            times.append(time.perf_counter() - t0)
+            if times[-1] < 1.0:
+                break
+        elapsed = min(times)
         check_invariants(p, W, H)
         assert elapsed < 1.0, f"{name} ({family}): {elapsed:.2f} s for 1 MB"
