@@ -77,15 +77,6 @@ def sample_seeds(seed: int | None, n: int) -> list[int | None]:
     return out
 
 
-def _zero3_gathered(p: torch.Tensor):
-    """Context in which a DeepSpeed ZeRO-3 partitioned parameter holds its full value."""
-    if not hasattr(p, "ds_id"):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters([p], modifier_rank=None)
-
-
 def vllm_weight_names(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` in checkpoint naming; PEFT models must already be merged.
 
@@ -102,8 +93,10 @@ def vllm_weight_names(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tenso
             continue
         name = name.removeprefix("base_model.model.").replace(".base_layer", "")
         name = name.replace("modules_to_save.default.", "").replace("_checkpoint_wrapped_module.", "")
-        if hasattr(p, "ds_id"):
-            with _zero3_gathered(p):
+        if hasattr(p, "ds_id"):  # ZeRO-3 tags every parameter it partitions
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 yield name, p.data.detach().clone()
         else:
             yield name, p.data
