@@ -133,21 +133,26 @@ def _describe(m: re.Match) -> str:
 def looks_local(name_or_path: str) -> bool:
     """Whether a ``from_pretrained`` argument is meant as a local folder rather than a hub id.
 
-    A hub id is ``name`` or ``org/name``. Local: an absolute path, one starting with ``.`` or
-    ``~``, a Windows separator, more than one ``/``, a trailing ``/``, or an ``a/b`` whose ``a``
-    is a folder here (``runs/sft`` when ``runs/`` exists).
+    Every supported family's hub ids are ``org/name`` (``Qwen/Qwen3-VL-2B-Thinking``,
+    ``OpenGVLab/InternVL3-1B-hf``), so anything else is a local path: a bare name without ``/``,
+    an absolute path, one starting with ``.`` or ``~``, one with ``os.sep`` or ``\\``, more than
+    one ``/``, a trailing ``/``, or an ``a/b`` whose ``a`` is a folder here (``runs/sft`` when
+    ``runs/`` exists). ``egm fit`` and ``egm evaluate`` both decide through this one rule (the
+    adapter's ``__init__`` calls :func:`check_checkpoint_path`).
     """
     p = name_or_path
-    if p.startswith(("/", ".", "~")) or "\\" in p or p.count("/") > 1 or p.endswith("/"):
+    if "/" not in p or p.startswith(("/", ".", "~")) or "\\" in p or (os.sep != "/" and os.sep in p):
         return True
-    return p.count("/") == 1 and os.path.isdir(p.split("/")[0])
+    if p.count("/") > 1 or p.endswith("/"):
+        return True
+    return os.path.isdir(p.split("/")[0])
 
 
 def check_checkpoint_path(name_or_path: str) -> None:
     """A local checkpoint path that does not exist fails now, naming it, never as a hub lookup.
 
-    (Hugging Face answers a missing ``runs/x/y`` with ``Repo id must be in the form ...``,
-    which never says that the folder is missing.)
+    (Hugging Face answers a missing ``runs/x/y`` with ``Repo id must be in the form ...``, which
+    never says that the folder is missing, and a bare ``x`` with ~50 s of hub retries.)
     """
     if looks_local(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
         raise FileNotFoundError(

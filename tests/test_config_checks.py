@@ -70,13 +70,14 @@ def test_defaults_and_boundaries_pass():
 
 @pytest.mark.parametrize("path, local", [("./x", True), ("../x", True), ("/abs/ckpt", True), ("~/ckpt", True),
                                          ("runs/demo/sft_export", True), ("tests/missing", True),
-                                         ("org/name", False), ("gpt2", False), (HUB_ID, False)])
+                                         ("gpt2", True), ("does_not_exist", True),  # hub ids are org/name
+                                         ("org/name", False), (HUB_ID, False)])
 def test_local_paths_and_hub_ids(monkeypatch, path, local):
     monkeypatch.chdir(ROOT)  # tests/ exists here: "tests/missing" looks local
     assert looks_local(path) is local
 
 
-@pytest.mark.parametrize("path", ["./no_such_ckpt", "runs/no/such_export", "/no/such/checkpoint"])
+@pytest.mark.parametrize("path", ["./no_such_ckpt", "runs/no/such_export", "/no/such/checkpoint", "no_such_ckpt"])
 def test_missing_local_checkpoint_fails_at_construction(tmp_path, monkeypatch, path):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=rf"pretrained_model_name_or_path '{path}': no such local checkpoint"):

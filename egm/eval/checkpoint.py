@@ -16,7 +16,9 @@ from typing import Any
 import torch
 
 from egm.compat import model_from_config
-from egm.eval.runner import GenerateFn, GenerationOutput, evaluate
+from egm.eval.latency import cpu_name
+from egm.eval.report import results_summary
+from egm.eval.runner import GenerateFn, GenerationOutput, _write_json, evaluate
 from egm.generation.hf import count_generated, hf_generate
 from egm.generation.rollout import RolloutEngine
 from egm.generation.sampling import TABLE7_INFERENCE, SamplingParams
@@ -63,8 +65,8 @@ def evaluate_checkpoint(
     latency_fraction: float = 0.1,
     seed: int = 0,
     num_gpus: int = 1,
-    torch_dtype: str = "bfloat16",
-    device: str = "cuda",
+    torch_dtype: str = "auto",
+    device: str = "auto",
     max_new_tokens: int = 4096,
     engine: str = "hf",
     vllm_gpu_memory_utilization: float = 0.85,
@@ -82,8 +84,8 @@ def evaluate_checkpoint(
         latency_fraction: share of each RefCOCO split timed for latency (paper: 10%); 0 skips.
         seed: seed of the latency subset.
         num_gpus: GPUs the model runs on (GPU latency = latency x num_gpus).
-        torch_dtype: weights dtype.
-        device: where the model runs.
+        torch_dtype: weights dtype; ``auto``: bfloat16 on CUDA, float32 on a CPU.
+        device: where the model runs; ``auto``: ``cuda`` when available, else ``cpu``.
         max_new_tokens: Table 7 "max length".
         engine: ``hf`` (transformers ``generate``, any device) or ``vllm`` (``pip install 'egm[gpu]'``
             on GPUs; vLLM's CPU build in ``make test``'s venv), as the paper measured (Sec. 5.1: "all
@@ -95,6 +97,7 @@ def evaluate_checkpoint(
         raise ValueError(f"family must be one of {sorted(ADAPTERS)}, got {family!r}")
     if engine not in ("hf", "vllm"):
         raise ValueError(f"engine must be 'hf' or 'vllm', got {engine!r}")
+    device, torch_dtype = resolve_device(device, torch_dtype)
     adapter = ADAPTERS[family](checkpoint, torch_dtype=torch_dtype)
     sampling = SamplingParams(**{**vars(TABLE7_INFERENCE), "max_new_tokens": max_new_tokens})
     if engine == "vllm":
@@ -110,9 +113,34 @@ def evaluate_checkpoint(
         model = adapter.load_model().to(device).eval()
         n_params = sum(p.numel() for p in model.parameters())
         generate_fn = hf_generate_fn(adapter, model, sampling)
-    return evaluate(generate_fn, manifests, out_dir, batch_size=batch_size,
-                    latency_fraction=latency_fraction, seed=seed, num_gpus=num_gpus, parse_fn=adapter.parse,
-                    model_name=model_name or Path(checkpoint.rstrip("/")).name, n_params=n_params)
+    results = evaluate(generate_fn, manifests, out_dir, batch_size=batch_size,
+                       latency_fraction=latency_fraction, seed=seed, num_gpus=num_gpus, parse_fn=adapter.parse,
+                       model_name=model_name or Path(checkpoint.rstrip("/")).name, n_params=n_params)
+    # what the latency was measured on, for the reports (a CPU run has no "GPU latency")
+    results["device"] = device_info(device, num_gpus)
+    _write_json(Path(out_dir) / "results.json", results)
+    print(results_summary(results), flush=True)
+    return results
+
+
+def resolve_device(device: str = "auto", torch_dtype: str = "auto") -> tuple[str, str]:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; dtype ``auto`` -> bfloat16 on CUDA,
+    float32 on a CPU (bfloat16 matmuls are slow or unsupported on many CPUs). Explicit values pass."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch_dtype == "auto":
+        torch_dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    return device, torch_dtype
+
+
+def device_info(device: str, num_gpus: int = 1) -> dict[str, Any]:
+    """results.json ``device``: ``{type: cpu, name, threads}`` or ``{type: cuda, name, num_gpus}``."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return {"type": "cuda", "name": torch.cuda.get_device_name(dev), "num_gpus": num_gpus}
+    if dev.type == "cpu":
+        return {"type": "cpu", "name": cpu_name(), "threads": torch.get_num_threads()}
+    return {"type": dev.type, "name": str(dev), "num_gpus": num_gpus}
 
 
 def _count_params(config: Any) -> int | None:

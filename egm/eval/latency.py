@@ -3,7 +3,9 @@
 "The average latency per sample on a random 10% subset of the standard RefCOCO benchmarks ...
 measured as the time (in milliseconds) from sending the text prompt to receiving the entire
 answer from the model", one sample at a time (batch size 1). Models spread over several GPUs are
-compared by *GPU latency* = latency x number of GPUs (Figure 4's x axis).
+compared by *GPU latency* = latency x number of GPUs (Figure 4's x axis). A run on a CPU has no
+GPU latency: its reports give the plain latency and say which CPU and how many threads
+(``results.json`` ``device``, see :func:`device_label`).
 
 The clock is injected (seconds, monotonic) so tests can drive it; production uses
 :func:`time.perf_counter`. A generator that returns decoded text has necessarily synchronised the
@@ -13,9 +15,11 @@ device, so no explicit CUDA synchronisation is needed around the call.
 from __future__ import annotations
 
 import math
+import platform
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -91,3 +95,38 @@ def latency_stats(latencies_ms: Sequence[float], tokens: Sequence[int | None] | 
         gpu_p50_ms=p50 * num_gpus,
         gpu_p90_ms=p90 * num_gpus,
     )
+
+
+def cpu_name() -> str:
+    """The CPU model ("AMD EPYC 7B13 64-Core Processor") from /proc/cpuinfo, else ``platform``'s guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def on_cpu(result: Mapping[str, Any]) -> bool:
+    """Whether a results.json was measured on a CPU (files without ``device`` are GPU runs, as before)."""
+    return (result.get("device") or {}).get("type") == "cpu"
+
+
+def device_label(device: Mapping[str, Any] | None) -> str:
+    """What latency was measured on: ``CPU (AMD EPYC 7B13, 1 thread)``, ``8x GPU (NVIDIA H200)``; ``-`` if unknown."""
+    if not device:
+        return "-"
+    name = device.get("name") or "unknown"
+    if device.get("type") == "cpu":
+        threads = device.get("threads")
+        return f"CPU ({name}" + ("" if threads is None else f", {threads} thread{'' if threads == 1 else 's'}") + ")"
+    n = device.get("num_gpus") or 1
+    return f"{'' if n == 1 else f'{n}x '}GPU ({name})"
+
+
+def reported_latency(result: Mapping[str, Any]) -> float | None:
+    """Figure 4's x value of one results.json: GPU latency (latency x #GPUs) of a GPU run, the
+    plain mean latency of a CPU run (there latency x #GPUs would be meaningless)."""
+    lat = result.get("latency") or {}
+    return lat.get("mean_ms") if on_cpu(result) else lat.get("gpu_mean_ms")

@@ -1,8 +1,12 @@
 """Figures of the paper from evaluation outputs (matplotlib, Agg canvas, no pyplot state).
 
-* :func:`accuracy_vs_latency` - Figure 4: RefCOCO average accuracy vs GPU latency, one point per run.
-* :func:`qualitative_panels` - Figures 2 and 6: image with the ground truth in blue and the
-  prediction in orange, the text prompt and the reasoning wrapped underneath.
+* :func:`accuracy_vs_latency` - Figure 4: RefCOCO average accuracy vs GPU latency, one point per run
+  (CPU runs: plain latency, and the axis says so).
+* :func:`qualitative_panels` - Figures 2 and 6: image with the ground truth and the prediction
+  (orange), the text prompt and the reasoning wrapped underneath, each panel titled with split,
+  success/failure and IoU. The paper draws the ground truth in blue; here it is magenta with a
+  black outline, outside the synthetic world's palette (red, green, blue, yellow on light gray),
+  so it stays visible on a blue object.
 * :func:`iou_histogram` - distribution of per-sample IoU with the 0.5 success threshold marked.
 
 Sizes are exact: a figure of ``figsize`` inches saved at ``dpi`` is ``figsize * dpi`` pixels
@@ -20,16 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import patheffects
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from egm.boxes import SUCCESS_IOU
+from egm.eval.latency import device_label, on_cpu, reported_latency
 from egm.eval.metrics import headline_accuracy, record_iou
 from egm.eval.predictions import read_jsonl
 
-GT_COLOR = "tab:blue"        # paper Figure 2: ground truth in blue
-PRED_COLOR = "tab:orange"    # ... prediction in orange
+GT_COLOR = "#ff00ff"         # paper Figure 2 uses blue; magenta is in no object's colour
+PRED_COLOR = "tab:orange"    # paper Figure 2: prediction in orange
+OUTLINE = [patheffects.Stroke(linewidth=4, foreground="black"), patheffects.Normal()]  # visible on any fill
+HIST_COLOR = "tab:blue"
 EGM_COLOR = "tab:green"
 OTHER_COLOR = "tab:gray"
 
@@ -59,18 +67,22 @@ def accuracy_vs_latency(
 ) -> list[Path]:
     """Figure 4: Avg. Acc (%) of the eight RefCOCO splits vs GPU latency (ms); writes PNG and SVG.
 
+    A CPU run is placed at its plain latency (no "GPU latency" on a CPU); the axis is "GPU
+    latency" only when every point is a GPU run, and names the CPU when every point is on one.
+
     Runs whose name contains "EGM" are drawn as green stars, others as gray circles. Runs without
     latency are left out; accuracy is the RefCOCO average when all eight splits were
     evaluated, else the macro average over the evaluated splits (the label says which). ``log_x`` defaults to a log axis when
     latencies span more than a factor of 10 (2B vs 235B models do).
     """
-    pts, labels = [], set()
+    pts, labels, devices = [], set(), set()
     for r in results:
         acc, label = headline_accuracy(r["splits"])
         labels.add(label)
-        lat = (r.get("latency") or {}).get("gpu_mean_ms")
+        lat = reported_latency(r)
         if acc is not None and lat:
             pts.append((r["model"], float(lat), 100.0 * acc))
+            devices.add(device_label(r.get("device")) if on_cpu(r) else "GPU")
     fig = _figure(figsize, dpi)
     ax = fig.add_subplot(1, 1, 1)
     xs = [p[1] for p in pts]
@@ -87,7 +99,12 @@ def accuracy_vs_latency(
     ax.margins(x=0.12, y=0.12)
     if log_x:
         ax.set_xscale("log")
-    ax.set_xlabel("GPU latency (ms)")
+    if devices <= {"GPU"}:
+        ax.set_xlabel("GPU latency (ms)")
+    elif "GPU" in devices:
+        ax.set_xlabel("Latency (ms): GPU latency of GPU runs, latency of CPU runs")
+    else:
+        ax.set_xlabel("Latency (ms)" + (f" on {devices.pop()}" if len(devices) == 1 else " on CPU"))
     ax.set_ylabel(f"{labels.pop() if len(labels) == 1 else 'Avg. Acc'} (%)")
     ax.set_title("Accuracy vs. efficiency")
     ax.grid(True, alpha=0.3)
@@ -112,7 +129,7 @@ def iou_histogram(
     vals = [record_iou(v) if isinstance(v, Mapping) else float(v) for v in records_or_ious]
     fig = _figure(figsize, dpi)
     ax = fig.add_subplot(1, 1, 1)
-    ax.hist(np.asarray(vals, dtype=np.float64), bins=bins, range=(0.0, 1.0), color=GT_COLOR, alpha=0.8)
+    ax.hist(np.asarray(vals, dtype=np.float64), bins=bins, range=(0.0, 1.0), color=HIST_COLOR, alpha=0.8)
     ax.axvline(SUCCESS_IOU, color=PRED_COLOR, linestyle="--", label=f"success: IoU > {SUCCESS_IOU}")
     ax.set_xlabel("IoU")
     ax.set_ylabel("samples")
@@ -126,14 +143,29 @@ def iou_histogram(
     return out
 
 
-def pick_examples(records: Sequence[Mapping[str, Any]], k: int, seed: int = 0, failures_first: bool = True) -> list[Mapping[str, Any]]:
-    """A seeded choice of ``k`` records, failures (IoU <= 0.5) first as in Figure 2."""
+def is_success(record: Mapping[str, Any]) -> bool:
+    return record_iou(record) > SUCCESS_IOU
+
+
+def pick_examples(records: Sequence[Mapping[str, Any]], k: int, seed: int = 0, balanced: bool = True) -> list[Mapping[str, Any]]:
+    """A seeded choice of ``k`` records: half failures (IoU <= 0.5), half successes when both exist
+    (failures take the odd one, as Figure 2 is about errors; one kind short: the other fills
+    up), alternating failure, success, ... ``balanced=False``: a plain seeded sample."""
     rng = random.Random(seed)
     pool = list(records)
     rng.shuffle(pool)
-    if failures_first:
-        pool.sort(key=lambda r: record_iou(r) > SUCCESS_IOU)  # stable: keeps the shuffle inside groups
-    return pool[:k]
+    if not balanced:
+        return pool[:k]
+    fails = [r for r in pool if not is_success(r)]
+    oks = [r for r in pool if is_success(r)]
+    n_ok = min(len(oks), k // 2)
+    n_fail = min(len(fails), k - n_ok)
+    n_ok = min(len(oks), k - n_fail)
+    chosen: list[Mapping[str, Any]] = []
+    for i in range(max(n_fail, n_ok)):
+        chosen += fails[i:i + 1] if i < n_fail else []
+        chosen += oks[i:i + 1] if i < n_ok else []
+    return chosen
 
 
 def _load_image(path: str | None, width: int, height: int) -> np.ndarray:
@@ -146,9 +178,15 @@ def _load_image(path: str | None, width: int, height: int) -> np.ndarray:
         return np.full((max(1, int(height)), max(1, int(width)), 3), 200, dtype=np.uint8)
 
 
+def _box(xy, w, h, color: str, label: str) -> Rectangle:
+    r = Rectangle(xy, w, h, fill=False, edgecolor=color, linewidth=2, label=label)
+    r.set_path_effects(OUTLINE)
+    return r
+
+
 def _draw_box(ax, box, color: str, label: str) -> None:
     x1, y1, x2, y2 = box
-    ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=2, label=label))
+    ax.add_patch(_box((x1, y1), x2 - x1, y2 - y1, color, label))
 
 
 def _wrap(label: str, text: str | None, width: int, max_chars: int) -> str:
@@ -167,8 +205,9 @@ def qualitative_panels(
     wrap: int = 64,
     max_reasoning_chars: int = 400,
 ) -> Path:
-    """Figures 2 / 6: one panel per record - image, GT box (blue), predicted box (orange), and
-    "Text Prompt:" / "Reasoning:" text wrapped below. Writes one PNG (or SVG by extension).
+    """Figures 2 / 6: one panel per record - image, GT box (magenta), predicted box (orange), both
+    outlined in black, a title "<split> | success|failure | IoU 0.83", and "Text Prompt:" /
+    "Reasoning:" text wrapped below. Writes one PNG (or SVG by extension).
 
     Output size is ``(ncols * panel_w * dpi, nrows * panel_h * dpi)`` pixels. The view is
     widened to include boxes that leave the image (amodal targets can).
@@ -177,8 +216,9 @@ def qualitative_panels(
     ncols = max(1, min(ncols, n))
     nrows = (n + ncols - 1) // ncols
     fig = _figure((ncols * panel_size[0], nrows * panel_size[1]), dpi)
-    grid = fig.add_gridspec(2 * nrows, ncols, height_ratios=[3, 2] * nrows, hspace=0.05, wspace=0.05,
-                            left=0.02, right=0.98, top=0.98, bottom=0.02)
+    title_room = 0.3 / (nrows * panel_size[1])  # 0.3 inch above the first row's titles
+    grid = fig.add_gridspec(2 * nrows, ncols, height_ratios=[3, 2] * nrows, hspace=0.12, wspace=0.05,
+                            left=0.02, right=0.98, top=1 - title_room, bottom=0.02)
     for i, r in enumerate(records):
         row, col = divmod(i, ncols)
         ax = fig.add_subplot(grid[2 * row, col])
@@ -195,9 +235,12 @@ def qualitative_panels(
         if r.get("pred_box") is not None:
             _draw_box(ax, r["pred_box"], PRED_COLOR, "prediction")
         if i == 0:
-            ax.legend(handles=[Rectangle((0, 0), 1, 1, fill=False, edgecolor=c, linewidth=2, label=lab)
+            ax.legend(handles=[_box((0, 0), 1, 1, c, lab)
                                for c, lab in ((GT_COLOR, "ground truth"), (PRED_COLOR, "prediction"))],
                       loc="upper right", fontsize=6, framealpha=0.8)
+        ok = is_success(r)
+        ax.set_title(f"{r.get('split') or '?'} | {'success' if ok else 'failure'} | IoU {record_iou(r):.2f}",
+                     fontsize=8, pad=3, color="tab:green" if ok else "tab:red")
         ax.set_xticks([])
         ax.set_yticks([])
         tax = fig.add_subplot(grid[2 * row + 1, col])

@@ -2,6 +2,9 @@
 
 One results file (written by :func:`egm.eval.runner.evaluate`) is one row. Accuracies are printed
 as percentages with one decimal, as in the paper; a split that was not evaluated prints ``-``.
+Table 3 (Table 4) is written only when some run evaluated a RefCOCO (an amodal) split. A CPU run
+(``device.type == "cpu"`` in results.json) has no GPU latency: its efficiency row names the CPU
+and threads, with ``#GPUs`` 0.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ from typing import Any
 from egm.eval.benchmarks import (
     AMODAL_COLUMN, AVG_COLUMN, MODEL_COLUMN, REFCOCO_SPLITS, canonical_split, table3_columns, table4_columns,
 )
+from egm.eval.latency import device_label, on_cpu, reported_latency
 from egm.eval.metrics import amodal_accuracy, headline_accuracy, refcoco_average
 
 MISSING = "-"
-EFFICIENCY_COLUMNS = [MODEL_COLUMN, "#Params (B)", "#GPUs", "Latency (ms)", "Latency p50 (ms)",
+EFFICIENCY_COLUMNS = [MODEL_COLUMN, "#Params (B)", "Device", "#GPUs", "Latency (ms)", "Latency p50 (ms)",
                       "Latency p90 (ms)", "GPU latency (ms)", "#Tokens", AVG_COLUMN]
+SPLIT_COLUMN = "Split"
+SUMMARY_COLUMNS = [SPLIT_COLUMN, "n", "Acc (%)", "Mean IoU", "Parse failures", "Latency (ms)",
+                   "Latency p50 (ms)", "Latency p90 (ms)", "#Tokens"]
 
 
 def load_results(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
@@ -79,29 +86,66 @@ def table4_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 def efficiency_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """Sec. 5.5 / Figure 4 numbers: parameters, latency (mean, p50, p90), GPU latency, tokens, accuracy."""
+    """Sec. 5.5 / Figure 4 numbers: parameters, device, latency (mean, p50, p90), GPU latency (GPU
+    runs only), tokens, accuracy."""
     rows = []
     for r in results:
         lat = r.get("latency") or {}
         n_params = r.get("n_params")
+        cpu = on_cpu(r)
         rows.append({
             MODEL_COLUMN: r["model"],
             "#Params (B)": _num(n_params / 1e9 if n_params else None, "{:.2f}"),
-            "#GPUs": str(r.get("num_gpus", 1)),
+            "Device": device_label(r.get("device")),
+            "#GPUs": "0" if cpu else str(r.get("num_gpus", 1)),
             "Latency (ms)": _num(lat.get("mean_ms")),
             "Latency p50 (ms)": _num(lat.get("p50_ms")),
             "Latency p90 (ms)": _num(lat.get("p90_ms")),
-            "GPU latency (ms)": _num(lat.get("gpu_mean_ms")),
+            "GPU latency (ms)": MISSING if cpu else _num(lat.get("gpu_mean_ms")),
             "#Tokens": _num(lat.get("mean_tokens"), "{:.1f}"),
             AVG_COLUMN: pct(refcoco_average(r["splits"])),
         })
     return rows
 
 
+def summary_rows(result: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per evaluated split of one results.json: accuracy, mean IoU, parse failures, and the
+    split's batch-1 latency when it was timed (``egm evaluate`` prints these)."""
+    lat_splits = (result.get("latency") or {}).get("splits") or {}
+    rows = []
+    for name, m in result["splits"].items():
+        lat = lat_splits.get(name) or {}
+        rows.append({
+            SPLIT_COLUMN: name,
+            "n": str(m["n"]),
+            "Acc (%)": pct(m["accuracy"]),
+            "Mean IoU": _num(m.get("mean_iou"), "{:.3f}"),
+            "Parse failures": f"{m.get('n_parse_failures', 0)} ({pct(m.get('parse_failure_rate', 0.0))}%)",
+            "Latency (ms)": _num(lat.get("mean_ms")),
+            "Latency p50 (ms)": _num(lat.get("p50_ms")),
+            "Latency p90 (ms)": _num(lat.get("p90_ms")),
+            "#Tokens": _num(m.get("mean_tokens"), "{:.1f}"),
+        })
+    return rows
+
+
+def results_summary(result: dict[str, Any]) -> str:
+    """The per-split table of one run, headed by model and device, and its pooled latency line."""
+    lines = [f"{result['model']} on {device_label(result.get('device'))}", "",
+             to_markdown(summary_rows(result), SUMMARY_COLUMNS)]
+    lat = result.get("latency") or {}
+    if lat.get("n"):
+        gpu = "" if on_cpu(result) or "gpu_mean_ms" not in lat else (
+            f"; GPU latency {lat['gpu_mean_ms']:.0f} ms ({result.get('num_gpus', 1)} GPU)")
+        lines.append(f"Latency (batch 1, {lat['n']} samples): mean {lat['mean_ms']:.0f} ms, "
+                     f"p50 {lat['p50_ms']:.0f} ms, p90 {lat['p90_ms']:.0f} ms{gpu}")
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
 def to_markdown(rows: Sequence[dict[str, str]], columns: Sequence[str]) -> str:
-    """GitHub Markdown table; the model column is left-aligned, numbers right-aligned."""
+    """GitHub Markdown table; the model (or split) column is left-aligned, numbers right-aligned."""
     head = "| " + " | ".join(columns) + " |"
-    sep = "| " + " | ".join(":---" if c == MODEL_COLUMN else "---:" for c in columns) + " |"
+    sep = "| " + " | ".join(":---" if c in (MODEL_COLUMN, SPLIT_COLUMN) else "---:" for c in columns) + " |"
     body = ["| " + " | ".join(str(row.get(c, MISSING)) for c in columns) + " |" for row in rows]
     return "\n".join([head, sep, *body]) + "\n"
 
@@ -115,15 +159,18 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, str]], columns: 
 
 
 def write_tables(results: Sequence[dict[str, Any]], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``table3``, ``table4``, ``efficiency`` and ``splits`` (every split) as ``.md`` and ``.csv``; returns the paths."""
+    """Write ``table3``, ``table4``, ``efficiency`` and ``splits`` (every split) as ``.md`` and ``.csv``;
+    returns the paths. Table 3 / Table 4 only when some run evaluated one of its splits (an
+    all-``-`` table says nothing)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables = {
-        "table3": (table3_rows(results), table3_columns()),
-        "table4": (table4_rows(results), table4_columns()),
-        "efficiency": (efficiency_rows(results), EFFICIENCY_COLUMNS),
-        "splits": splits_rows(results),
-    }
+    tables = {}
+    if any(s.name in r["splits"] for r in results for s in REFCOCO_SPLITS):
+        tables["table3"] = (table3_rows(results), table3_columns())
+    if any(amodal_accuracy(r["splits"]) is not None for r in results):
+        tables["table4"] = (table4_rows(results), table4_columns())
+    tables["efficiency"] = (efficiency_rows(results), EFFICIENCY_COLUMNS)
+    tables["splits"] = splits_rows(results)
     paths: dict[str, Path] = {}
     for name, (rows, cols) in tables.items():
         (out / f"{name}.md").write_text(to_markdown(rows, cols), encoding="utf-8")
@@ -147,7 +194,8 @@ def make_report(
         out_dir: where the report goes.
         figure: write ``accuracy_vs_latency.{png,svg}`` (Figure 4) when latencies are present.
         histogram: write ``iou_hist_<model>.png`` from each run's predictions folder when present.
-        qualitative: number of Figure 2/6-style panels per run (0 = none): failures first, seeded.
+        qualitative: number of Figure 2/6-style panels per run (0 = none): half failures, half
+            successes when both exist, seeded.
         seed: seed of the qualitative sample choice.
     """
     from egm.eval import plots  # matplotlib only when a figure is asked for
@@ -155,7 +203,7 @@ def make_report(
     loaded = load_results(results)
     out = Path(out_dir)
     written = {k: str(v) for k, v in write_tables(loaded, out).items()}
-    if figure and any((r.get("latency") or {}).get("gpu_mean_ms") for r in loaded):
+    if figure and any(reported_latency(r) for r in loaded):
         for p in plots.accuracy_vs_latency(loaded, out / "accuracy_vs_latency"):
             written[p.name] = str(p)
     for src, r in zip(results, loaded):

@@ -45,8 +45,78 @@ def test_evaluate_checkpoint_from_manifest(tiny_dirs, tmp_path):
     write_manifest(man, [Sample(id=f"s{i}", image=str(img), width=64, height=64, sentence="the cup", task="amodal",
                                 box=[8.0, 8.0, 40.0, 70.0], split="cocoa_val", source="synthetic") for i in range(2)])
     res = evaluate_checkpoint(str(ckpt), {"cocoa_val": str(man)}, str(tmp_path / "run"), family="internvl",
-                              torch_dtype="float32", device="cpu", max_new_tokens=4, latency_fraction=0.5)
+                              max_new_tokens=4, latency_fraction=0.5)  # device, dtype: auto (a CPU here)
     assert res["splits"]["cocoa_val"]["n"] == 2 and res["n_params"] > 0 and res["model"] == ckpt.name
+
+
+def test_evaluate_checkpoint_auto_device_records_device_and_prints_table(tiny_dirs, tmp_path, capsys):
+    """Defaults run on a CPU-only machine; results.json says what latency was measured on; the
+    per-split table reaches stdout."""
+    import json
+
+    from egm.data.manifest import write_manifest
+    from egm.eval.checkpoint import evaluate_checkpoint
+    from egm.eval.latency import cpu_name
+
+    img = tmp_path / "a.png"
+    Image.new("RGB", (64, 64), (90, 120, 30)).save(img)
+    man = tmp_path / "val_plain.jsonl"
+    write_manifest(man, [Sample(id=f"s{i}", image=str(img), width=64, height=64, sentence="the red car",
+                                task="vanilla", box=[8.0, 8.0, 40.0, 40.0], split="val_plain", source="synthetic")
+                         for i in range(2)])
+    res = evaluate_checkpoint(str(tiny_dirs["qwen3_vl"]), {"val_plain": str(man)}, str(tmp_path / "run"),
+                              max_new_tokens=4, latency_fraction=0.5)
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert on_disk["device"] == res["device"]
+    if torch.cuda.is_available():
+        assert res["device"]["type"] == "cuda" and res["device"]["num_gpus"] == 1
+    else:
+        assert res["device"] == {"type": "cpu", "name": cpu_name(), "threads": torch.get_num_threads()}
+    out = capsys.readouterr().out.splitlines()
+    head = next(i for i, line in enumerate(out) if line.startswith("| Split |"))
+    assert out[head] == ("| Split | n | Acc (%) | Mean IoU | Parse failures | Latency (ms) | Latency p50 (ms) "
+                         "| Latency p90 (ms) | #Tokens |")
+    row = out[head + 2].split(" | ")
+    m = res["splits"]["val_plain"]
+    assert row[0] == "| val_plain" and row[1] == "2" and row[3] == f"{m['mean_iou']:.3f}"
+    assert row[5] == f"{res['latency']['mean_ms']:.0f}"
+    assert any(line.startswith("Latency (batch 1, 1 samples): mean ") for line in out)
+
+
+def test_resolve_device_auto_and_explicit():
+    from egm.eval.checkpoint import resolve_device
+
+    gpu = torch.cuda.is_available()
+    assert resolve_device() == (("cuda", "bfloat16") if gpu else ("cpu", "float32"))
+    assert resolve_device("cpu") == ("cpu", "float32")
+    assert resolve_device("cpu", "bfloat16") == ("cpu", "bfloat16")
+    assert resolve_device("cuda:1", "auto") == ("cuda:1", "bfloat16")
+
+
+@pytest.mark.parametrize("name", ["does_not_exist", "runs/demo/does_not_exist", "./does_not_exist"])
+def test_missing_local_checkpoint_is_named_at_once_without_the_hub(tmp_path, monkeypatch, name):
+    """A missing local path is a FileNotFoundError naming it, in well under 2 s, with no network
+    attempt (a bare name used to spend ~50 s on hub retries; ``a/b/c`` ended in "Repo id must be")."""
+    import socket
+    import time
+
+    from egm.eval.checkpoint import evaluate_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    tried = []
+
+    def no_network(self, address):
+        tried.append(address)
+        raise OSError("network unreachable (test)")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: no_network(None, host))
+    t0 = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=rf"'{name}': no such local checkpoint folder"):
+        evaluate_checkpoint(name, {}, str(tmp_path / "run"), device="cpu")
+    assert time.perf_counter() - t0 < 2.0 and tried == []
 
 
 def test_engine_generate_fn_over_a_rollout_engine(qwen_dir, tmp_path):

@@ -126,3 +126,85 @@ def test_splits_table_lists_every_evaluated_split():
     assert cols == ["Model", "val_plain", "val_relation", "Macro Avg."]
     assert rows[0] == {"Model": "a", "val_plain": "75.0", "val_relation": "25.0", "Macro Avg.": "50.0"}
     assert rows[1]["val_relation"] == "-" and rows[1]["Macro Avg."] == "50.0"
+
+
+def cpu_results(model="tiny-cpu", splits=None):
+    sp = splits or {"val_plain": split(0.5, n=10)}
+    return {"model": model, "n_params": 1000, "num_gpus": 1, "splits": sp,
+            "device": {"type": "cpu", "name": "AMD EPYC 7B13 64-Core Processor", "threads": 1},
+            "latency": {"n": 2, "mean_ms": 250.0, "p50_ms": 240.0, "p90_ms": 260.0, "gpu_mean_ms": 250.0,
+                        "mean_tokens": 30.0, "num_gpus": 1, "splits": {"val_plain": {"mean_ms": 250.0}}}}
+
+
+def test_cpu_run_reports_its_device_not_gpu_latency(tmp_path, result_files):
+    from egm.eval.report import efficiency_rows
+
+    gpu = load_results(result_files)[2]
+    gpu["device"] = {"type": "cuda", "name": "NVIDIA H200", "num_gpus": 8}
+    cpu_row, gpu_row = efficiency_rows([cpu_results(), gpu])
+    assert cpu_row["Device"] == "CPU (AMD EPYC 7B13 64-Core Processor, 1 thread)" and cpu_row["#GPUs"] == "0"
+    assert cpu_row["Latency (ms)"] == "250" and cpu_row["GPU latency (ms)"] == "-"
+    assert gpu_row["Device"] == "8x GPU (NVIDIA H200)" and gpu_row["#GPUs"] == "8"
+    assert gpu_row["GPU latency (ms)"] == "13900"
+    assert efficiency_rows(load_results(result_files[:1]))[0]["Device"] == "-"  # results.json without device
+
+    _, svg = accuracy_vs_latency([cpu_results()], tmp_path / "cpu")
+    text = svg.read_text()  # matplotlib writes each text as a comment beside its glyphs
+    assert "Latency (ms) on CPU (AMD EPYC 7B13 64-Core Processor, 1 thread)" in text and "GPU latency" not in text
+    _, svg = accuracy_vs_latency(load_results(result_files), tmp_path / "gpu")
+    assert "GPU latency (ms)" in svg.read_text()
+
+
+def test_tables_3_and_4_only_when_their_splits_were_evaluated(tmp_path, result_files):
+    paths = write_tables([cpu_results()], tmp_path / "synthetic")
+    assert "table3.md" not in paths and "table4.md" not in paths and "efficiency.md" in paths
+    assert not (tmp_path / "synthetic" / "table3.md").exists()
+    amodal_only = cpu_results(splits={"cocoa_val": split(0.5, n=10, task="amodal")})
+    assert set(write_tables([amodal_only], tmp_path / "amodal")) == {
+        "table4.md", "table4.csv", "efficiency.md", "efficiency.csv", "splits.md", "splits.csv"}
+    assert {"table3.md", "table4.md"} <= set(write_tables(load_results(result_files), tmp_path / "all"))
+
+
+def test_pick_examples_mixes_successes_and_failures():
+    from egm.eval.plots import pick_examples
+
+    recs = [{"id": str(i), "pred_box": [0, 0, 1, 1], "iou": 0.9 if i < 3 else 0.1}
+            for i in range(20)]  # 3 successes, 17 failures
+    for seed in range(5):
+        chosen = pick_examples(recs, 4, seed=seed)
+        assert [r["iou"] for r in chosen] == [0.1, 0.9, 0.1, 0.9] and len({r["id"] for r in chosen}) == 4
+    assert sorted(r["iou"] for r in pick_examples(recs, 9)) == [0.1] * 6 + [0.9] * 3  # successes run short
+    assert [r["iou"] for r in pick_examples(recs, 1)] == [0.1]
+    assert pick_examples(recs[:3], 2) == pick_examples(recs[:3], 2, seed=0) and len(pick_examples(recs[:3], 2)) == 2
+
+
+def test_qualitative_ground_truth_box_is_visible_on_a_blue_object(tmp_path):
+    """The synthetic world draws blue objects: the GT box must not vanish on them."""
+    import numpy as np
+
+    from egm.data.synthetic.world import COLOURS, Obj, mask_box, render
+
+    obj = Obj("square", "blue", "large", x0=8, y0=8, side=48)
+    img, full, _ = render([obj], 64)
+    img.save(tmp_path / "blue.png")
+    x1, y1, x2, y2 = mask_box(full[0])
+    base = {"image": str(tmp_path / "blue.png"), "width": 64, "height": 64, "split": "val_plain", "sentence": "s",
+            "reasoning": "r", "pred_box": [0, 0, 4, 4], "iou": 0.8}
+    rec = {**base, "gt_box": [x1 + 8, y1 + 8, x2 - 8, y2 - 8]}  # inside the object: every edge over blue
+
+    def pixels(r, name):
+        p = qualitative_panels([r], tmp_path / name, ncols=1, panel_size=(4, 5), dpi=100)
+        with Image.open(p) as im:
+            return np.asarray(im.convert("RGB")).astype(int)
+
+    without, with_gt = pixels({**base, "gt_box": None}, "without.png"), pixels(rec, "with.png")
+    blue = np.array(COLOURS["blue"])
+    over_blue = np.abs(without - blue).sum(-1) < 30
+    drawn = np.abs(with_gt - without).sum(-1) > 0
+    edge = over_blue & drawn
+    assert edge.sum() > 200  # the box's four edges, over the object
+    # far from the object's blue along the edge, not a blue box on a blue square
+    assert np.median(np.sqrt(((with_gt[edge] - blue) ** 2).sum(-1))) > 150
+
+    svg = qualitative_panels([rec, {**rec, "split": "val_relation", "iou": 0.1}], tmp_path / "q.svg").read_text()
+    assert "val_plain | success | IoU 0.80" in svg and "val_relation | failure | IoU 0.10" in svg
