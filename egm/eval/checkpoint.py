@@ -16,9 +16,11 @@ from typing import Any
 import torch
 
 from egm.compat import model_from_config
+from egm.eval.budget import budget_generate_fn, budget_sweep, check_budgets
 from egm.eval.latency import cpu_name
 from egm.eval.report import results_summary
 from egm.eval.runner import GenerateFn, GenerationOutput, _write_json, evaluate
+from egm.generation.budget import BudgetPlan, hf_budget_generate, vllm_budget_generate
 from egm.generation.hf import count_generated, hf_generate
 from egm.generation.rollout import RolloutEngine
 from egm.generation.sampling import TABLE7_INFERENCE, SamplingParams
@@ -71,6 +73,8 @@ def evaluate_checkpoint(
     engine: str = "hf",
     vllm_gpu_memory_utilization: float = 0.85,
     vllm_enforce_eager: bool = False,
+    reasoning_budget: int | list[int] | None = None,
+    answer_tokens: int = 64,
 ) -> dict[str, Any]:
     """Evaluate a Hugging Face checkpoint on split manifests (CLI entry point; Table 7 decoding).
 
@@ -92,6 +96,12 @@ def evaluate_checkpoint(
             rollouts and inference ... vLLM").
         vllm_gpu_memory_utilization: share of the GPU vLLM may use (``engine=vllm``).
         vllm_enforce_eager: no CUDA graphs / compilation (faster start; ``engine=vllm``).
+        reasoning_budget: a test-time reasoning budget, or a list of them (a sweep, e.g.
+            ``[0, 16, 32, 64]``): reasoning capped at ``B`` generated tokens, then the answer is
+            forced (:mod:`egm.generation.budget`). Each budget is evaluated into
+            ``out_dir/budget_<B>``; returns the summary of :func:`egm.eval.budget.budget_sweep`
+            (also ``budget_sweep.json|md``, ``budget_curves.png|svg``). ``None``: no budget.
+        answer_tokens: answer allowance after a forced end of reasoning (``reasoning_budget``).
     """
     if family not in ADAPTERS:
         raise ValueError(f"family must be one of {sorted(ADAPTERS)}, got {family!r}")
@@ -100,6 +110,9 @@ def evaluate_checkpoint(
     device, torch_dtype = resolve_device(device, torch_dtype)
     adapter = ADAPTERS[family](checkpoint, torch_dtype=torch_dtype)
     sampling = SamplingParams(**{**vars(TABLE7_INFERENCE), "max_new_tokens": max_new_tokens})
+    if reasoning_budget is not None:  # fail at the edge: bad budgets, a layout without a delimiter
+        budgets = check_budgets(reasoning_budget)
+        BudgetPlan.of(adapter, budgets[0], sampling, answer_tokens)
     if engine == "vllm":
         from transformers import AutoConfig
 
@@ -113,6 +126,16 @@ def evaluate_checkpoint(
         model = adapter.load_model().to(device).eval()
         n_params = sum(p.numel() for p in model.parameters())
         generate_fn = hf_generate_fn(adapter, model, sampling)
+    if reasoning_budget is not None:
+        def budget_fn(b: int) -> GenerateFn:
+            if engine == "vllm":
+                return budget_generate_fn(lambda exs: vllm_budget_generate(eng, exs, b, sampling, answer_tokens))
+            return budget_generate_fn(lambda exs: hf_budget_generate(adapter, model, exs, b, sampling, answer_tokens))
+
+        return budget_sweep(budget_fn, budgets, manifests, out_dir, answer_tokens=answer_tokens,
+                            batch_size=batch_size, latency_fraction=latency_fraction, seed=seed,
+                            num_gpus=num_gpus, parse_fn=adapter.parse, n_params=n_params,
+                            model_name=model_name or Path(checkpoint.rstrip("/")).name)
     results = evaluate(generate_fn, manifests, out_dir, batch_size=batch_size,
                        latency_fraction=latency_fraction, seed=seed, num_gpus=num_gpus, parse_fn=adapter.parse,
                        model_name=model_name or Path(checkpoint.rstrip("/")).name, n_params=n_params)

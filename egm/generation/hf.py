@@ -27,13 +27,19 @@ from egm.models.base import GroundingAdapter
 
 
 def hf_generate(adapter: GroundingAdapter, model: torch.nn.Module, batch: Mapping[str, Tensor],
-                sampling: SamplingParams, suppress: Collection[int] = ()) -> Tensor:
+                sampling: SamplingParams, suppress: Collection[int] = (), stops: Collection[int] = ()) -> Tensor:
     """``model.generate`` on a left-padded prompt batch (on the model's device) -> the new tokens
     ``(B, T)`` after the prompt (finished rows padded with the pad id).
 
     ``suppress``: token ids that may never be generated (``suppress_tokens``).
+    ``stops``: token ids that end a row besides the checkpoint's own eos ids (a reasoning budget's
+    end-of-reasoning token, :mod:`egm.generation.budget`).
     """
-    kw = {"suppress_tokens": sorted(suppress)} if suppress else {}
+    kw: dict[str, Any] = {"suppress_tokens": sorted(suppress)} if suppress else {}
+    if stops:
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        kw["eos_token_id"] = eos + sorted(set(stops) - set(eos))
     out = model.generate(**batch, **sampling.hf_generate_kwargs(), pad_token_id=adapter.pad_token_id, **kw)
     return out[:, batch["input_ids"].shape[1]:]
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,9 +242,9 @@ class VLLMEngine(RolloutEngine):
             out.append({"prompt": text, "multi_modal_data": {"image": image}})
         return out
 
-    def sampling_params(self, sampling: SamplingParams, seed: int | None):
-        """One ``vllm.SamplingParams`` (n = 1) for one sample."""
-        return self._sampling_cls(n=1, seed=seed, stop_token_ids=sorted(self.adapter.stop_token_ids()),
+    def sampling_params(self, sampling: SamplingParams, seed: int | None, stops: Collection[int] = ()):
+        """One ``vllm.SamplingParams`` (n = 1) for one sample; ``stops``: extra stop token ids."""
+        return self._sampling_cls(n=1, seed=seed, stop_token_ids=sorted(self.adapter.stop_token_ids() | set(stops)),
                                   skip_special_tokens=False,
                                   logit_bias={t: SUPPRESS_BIAS for t in sorted(self.forbidden)} or None,
                                   **sampling.vllm_kwargs())
