@@ -18,7 +18,7 @@ TBIN := $(TEST_VENV)/bin
 TEST_STAMP := $(TEST_VENV)/.egm-installed
 CPU_ENV := tools/cpu_env
 
-.PHONY: install install-test demo demo-rl test bench clean
+.PHONY: install install-test demo demo-rl demo-budget demo-seeds demo-long test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,8 +45,22 @@ install-test: $(TEST_STAMP)
 demo: install
 	$(BIN)/egm demo
 
-demo-rl: install  # GRPO on top of `make demo`'s SFT export (within 15 minutes, validations included)
+demo-rl: install  # GRPO on top of `make demo`'s SFT export (250 steps, validations included)
 	$(BIN)/egm demo-rl
+
+demo-budget: install  # the reasoning-token budget curve of `make demo`'s SFT export
+	$(BIN)/egm demo-budget
+
+# The claims of the README: the demo over 3 seeds and the reasoning vs box-only vs GRPO ablation,
+# 1 torch thread per run. Seeds run one after another; `egm demo-seeds --seeds [N]` runs one seed
+# into the same root, so seeds can run side by side, and then this target only writes the table
+# (every step whose output exists is skipped).
+demo-seeds: install
+	$(BIN)/egm demo-seeds --seeds [0,1,2] --root runs/seeds
+
+# The opt-in longer schedule (twice the SFT epochs, no GRPO arm): the reasoning ablation again.
+demo-long: install
+	$(BIN)/egm demo-seeds --seeds [0,1,2] --root runs/seeds_long --max_epochs 10 --grpo false --report false
 
 test: install-test
 	$(TBIN)/python -m pytest -q

@@ -41,6 +41,8 @@ def register_tool(name: str, target: str, help: str) -> None:
 
 register_tool("demo", "tools/demo.py:demo", "the CPU demo: tiny Qwen3-VL + synthetic world, SFT, before/after table")
 register_tool("demo-rl", "tools/demo.py:demo_rl", "the CPU demo's GRPO stage on top of the SFT demo's export, before/after table")
+register_tool("demo-budget", "tools/demo.py:demo_budget", "the SFT demo's test-time reasoning-budget curve (egm evaluate --reasoning_budget)")
+register_tool("demo-seeds", "tools/demo.py:demo_seeds", "the demo over seeds and the reasoning vs box-only vs GRPO ablation (mean, spread, McNemar)")
 register_tool("make-tiny", "egm.models.tiny:make_tiny", "write a tiny random Qwen3-VL / InternVL checkpoint folder")
 register_tool("make-synthetic", "egm.data.synthetic:make_synthetic", "render the synthetic grounding world (images + manifests)")
 register_tool("import-refer", "egm.data.refer:import_refer", "RefCOCO/+/g (REFER layout) -> JSONL manifests")
@@ -81,7 +83,9 @@ def _resolve(target: str):
 def load_script(relpath: str):
     """A script of the source checkout (``tools/demo.py``) as a module, loaded once."""
     path = REPO_ROOT / relpath
-    name = relpath.removesuffix(".py").replace("/", ".")
+    # a top-level name: jsonargparse imports a function's module by name to describe its
+    # parameters, and "tools.demo" would need a "tools" package on sys.path
+    name = "egm_script_" + relpath.removesuffix(".py").replace("/", "_").replace(".", "_")
     if name in sys.modules:
         return sys.modules[name]
     if not path.is_file():
@@ -133,19 +137,25 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
     command serves SFT, GRPO and evaluation recipes. Optimisers are configured by each module
     (the paper's schedules are part of the recipe), not by the CLI.
     """
+    from unittest import mock
+
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
-    return LightningCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        args=None if args is None else list(args),
-        run=run,
-    )
+    # Given ``args``, this runs from within Python (a tool such as ``egm demo``); Lightning decides
+    # that from ``sys.argv`` and warns when the tool's own command line is there too.
+    argv = sys.argv if args is None else sys.argv[:1]
+    with mock.patch.object(sys, "argv", argv):
+        return LightningCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            args=None if args is None else list(args),
+            run=run,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -104,6 +104,21 @@ def test_demo_commands_run_the_repository_script():
         cli.load_script("tools/nothing.py")
 
 
+def test_demo_tools_from_the_console_script_outside_the_checkout(tmp_path):
+    """The installed `egm` script, run from another folder: the demo tools describe their
+    arguments (the script's module name needs no `tools` package on sys.path), and
+    `--config X --print_config` is jsonargparse's, since the recipe argument is `--recipe`."""
+    egm = Path(sys.executable).parent / "egm"
+    run = lambda *a: subprocess.run([str(egm), *a], capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=180)
+    r = run("demo-seeds", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "--seeds" in r.stdout and "--threads" in r.stdout
+    (tmp_path / "mine.yaml").write_text("recipe: my_rl.yaml\nmax_steps: 7\nseed: 3\n")
+    r = run("demo-rl", "--config", "mine.yaml", "--print_config")
+    assert r.returncode == 0, r.stderr
+    assert "recipe: my_rl.yaml" in r.stdout and "max_steps: 7" in r.stdout and "seed: 3" in r.stdout
+
+
 def test_tool_logs_reach_stderr(tmp_path, capsys):
     """What a tool used to print (here make-synthetic's summary) is logged to stderr instead."""
     cli.main(["make-synthetic", "--out_dir", str(tmp_path), "--n_train", "2", "--n_val", "1", "--n_test", "1"])

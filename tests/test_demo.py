@@ -56,3 +56,94 @@ def test_demo_runs_end_to_end(tmp_path):
         assert c["before"] / c["n"] == pytest.approx(rl["after SFT (start)"][split])
         assert c["after"] / c["n"] == pytest.approx(rl["after GRPO"][split])
     assert (tmp_path / "rl_export" / "model.safetensors").exists()
+
+
+def _mcnemar_reference(a: dict, b: dict) -> tuple[int, int, float]:
+    """Exact two-sided McNemar from the binomial pmf in float64 (independent of paired_comparison)."""
+    import math
+
+    fixed = sum(1 for k in a if b[k] and not a[k])
+    broken = sum(1 for k in a if a[k] and not b[k])
+    n = fixed + broken
+    pmf = [math.comb(n, i) * 0.5**n for i in range(n + 1)]
+    p = sum(x for x in pmf if x <= pmf[min(fixed, broken)] * (1 + 1e-12))  # two-sided: every outcome as unlikely
+    return fixed, broken, min(1.0, p)
+
+
+@pytest.mark.slow
+def test_demo_seeds_tables_follow_from_the_per_seed_files(tmp_path):
+    """`egm demo-seeds` on a miniature world, 2 seeds: each seed changes the initial weights, a
+    seed replicates, the table's means, spreads and pooled McNemar tests follow from the per-seed
+    outcome files, and a rerun trains nothing."""
+    import statistics
+
+    import safetensors.torch
+    import torch
+
+    kw = dict(root=str(tmp_path / "s"), n_train=40, n_val=10, n_eval=15, max_epochs=1, max_steps=1, report=False)
+    out = DEMO.demo_seeds(seeds=[0, 1], **kw)
+    w0, w1 = (safetensors.torch.load_file(tmp_path / "s" / f"seed{s}" / "tiny_qwen3vl" / "model.safetensors")
+              for s in (0, 1))
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+    assert ((tmp_path / "s" / "seed0" / "tiny_qwen3vl" / "tokenizer.json").read_text()
+            == (tmp_path / "s" / "seed1" / "tiny_qwen3vl" / "tokenizer.json").read_text())
+    again = demo(root=str(tmp_path / "again"), seed=1, n_train=40, n_val=10, max_epochs=1, report=False)
+    first = json.loads((tmp_path / "s" / "seed1" / "results.json").read_text())
+    assert {k: first[k] for k in again} == again  # one seed, one machine: the same numbers
+
+    arms = {a: [json.loads((tmp_path / "s" / f"seed{s}" / "arms" / f"{a}.json").read_text()) for s in (0, 1)]
+            for a in ("boxonly_sft", "reasoning_sft", "grpo")}
+    text = (tmp_path / "s" / "results.md").read_text()
+    for sp in arms["reasoning_sft"][0]:
+        assert len(arms["reasoning_sft"][0][sp]) == 3  # 15 evaluation scenes over 5 splits
+        per_seed = {a: [sum(r["success"] for r in run[sp].values()) / len(run[sp]) for run in runs]
+                    for a, runs in arms.items()}
+        assert out["accuracy"]["grpo"][sp] == per_seed["grpo"]
+        cells = [f"{100 * statistics.mean(v):.1f} ± {100 * statistics.stdev(v):.1f}" for v in per_seed.values()]
+        pooled = {a: {(s, i): r["success"] for s, run in zip((0, 1), runs) for i, r in run[sp].items()}
+                  for a, runs in arms.items()}
+        rb = _mcnemar_reference(pooled["boxonly_sft"], pooled["reasoning_sft"])
+        gr = _mcnemar_reference(pooled["reasoning_sft"], pooled["grpo"])
+        got = out["paired"][sp]
+        assert (got["reasoning_vs_boxonly"]["fixed"], got["reasoning_vs_boxonly"]["broken"]) == rb[:2]
+        assert got["reasoning_vs_boxonly"]["p_value"] == pytest.approx(rb[2], rel=1e-9)
+        assert got["grpo_vs_reasoning"]["p_value"] == pytest.approx(gr[2], rel=1e-9)
+        assert f"| {sp} | {cells[0]} | {cells[1]} | {cells[2]} | {rb[0]}/{rb[1]}, {rb[2]:.2g} | {gr[0]}/{gr[1]}, {gr[2]:.2g} |" in text
+        named = [r for run in arms["reasoning_sft"] for r in run[sp].values() if r["named_region"] == r["target_region"]]
+        assert out["why"][sp]["named_right"] == len(named) / 6
+    assert "`egm demo-seeds --seeds [0,1] --threads 1` on " in text
+
+    stamp = (tmp_path / "s" / "seed0" / "boxonly_sft_export" / "model.safetensors").stat().st_mtime_ns
+    rerun = DEMO.demo_seeds(seeds=[0, 1], **kw)  # every step's output exists: nothing trains again
+    assert (tmp_path / "s" / "seed0" / "boxonly_sft_export" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert rerun["paired"] == out["paired"]
+
+
+def test_seeds_summary_by_hand(tmp_path):
+    """The ablation table from hand-made per-seed files: 2 seeds x 4 samples of one split."""
+    outcomes = {"boxonly_sft": ["TFFF", "TTFF"], "reasoning_sft": ["TTTF", "TTTT"], "grpo": ["TTTF", "FTTT"]}
+    named = ["RRWN", "RRRW"]  # the reasoning arm names the Right region, a Wrong one, or None
+    for seed in (0, 1):
+        d = tmp_path / f"seed{seed}"
+        (d / "arms").mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"mean-box baseline": {"val_plain": 0.0}, "untrained": {"val_plain": 0.0},
+                                                    "after SFT": {"val_plain": 0.25 * (seed + 1)}, "samples_per_split": 4}))
+        for arm, per_seed in outcomes.items():
+            recs = {f"id{i}": {"success": c == "T", "task": "vanilla", "iou": 0.6 if c == "T" else 0.1, "pred_box": None,
+                               "target_region": "in the center",
+                               "named_region": {"R": "in the center", "W": "on the left", "N": None}[named[seed][i]]
+                               if arm == "reasoning_sft" else None}
+                    for i, c in enumerate(per_seed[seed])}
+            (d / "arms" / f"{arm}.json").write_text(json.dumps({"val_plain": recs}))
+    out = DEMO.seeds_summary(tmp_path, [0, 1])
+    md = out["markdown"]
+    # acc per seed: box-only 25 / 50, reasoning 75 / 100, GRPO 75 / 75; sd of two values a, b = |a - b| / sqrt(2)
+    # reasoning vs box-only: 4 fixed (seed 0: id1, id2; seed 1: id2, id3), 0 broken: p = 2 / 2**4 = 0.125
+    # GRPO vs reasoning: 0 fixed, 1 broken (seed 1, id0): p = 1
+    assert "| val_plain | 37.5 ± 17.7 | 87.5 ± 17.7 | 75.0 ± 0.0 | 4/0, 0.12 | 0/1, 1 |" in md
+    assert out["paired"]["val_plain"]["reasoning_vs_boxonly"]["p_value"] == 0.125
+    assert "| val_plain | 25.0 / 50.0 | 75.0 / 100.0 | 75.0 / 75.0 |" in md  # per seed
+    assert "| val_plain | 0.0 | 0.0 ± 0.0 | 37.5 ± 17.7 | 25.0 / 50.0 |" in md  # the demo's own table
+    # named right: 5 of 8; their accuracy 5/5; named wrong or none: id2 (T), id3 (F) of seed 0, id3 (T) of seed 1
+    assert out["why"]["val_plain"] == {"named_right": 5 / 8, "acc_named_right": 1.0, "acc_named_wrong": 2 / 3}
+    assert "| val_plain | 62.5 | 100.0 | 66.7 |" in md

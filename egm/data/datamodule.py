@@ -31,6 +31,8 @@ attached the module.
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import logging
 import math
@@ -256,6 +258,9 @@ class GroundingDataModule(L.LightningDataModule):
         skip_bad_images: drop samples whose image is missing/unreadable instead of raising.
         check_images: fully decode every image at setup (disable only for trusted data).
         tasks: keep only these tasks (``vanilla``/``amodal``); None keeps all.
+        train_reasoning: keep the train samples' reasoning traces (the training target is trace,
+            then box). ``False`` trains on the box alone, same samples: the box-only arm of the
+            reasoning ablation (``egm demo-seeds``). Evaluation samples are untouched.
     """
 
     def __init__(
@@ -274,6 +279,7 @@ class GroundingDataModule(L.LightningDataModule):
         skip_bad_images: bool = False,
         check_images: bool = True,
         tasks: list[str] | None = None,
+        train_reasoning: bool = True,
     ):
         check_ranges("GroundingDataModule", locals(), DATAMODULE_RULES)  # egm.config_checks
         super().__init__()
@@ -294,6 +300,7 @@ class GroundingDataModule(L.LightningDataModule):
         self.skip_bad_images = skip_bad_images
         self.check_images = check_images
         self.tasks = tasks
+        self.train_reasoning = train_reasoning
         self.skipped: Counter = Counter()  # split name (train[i] / val / test name) -> samples dropped
         self.train_sets: list[GroundingDataset] = []
         self.val_sets: dict[str, GroundingDataset] = {}
@@ -342,6 +349,9 @@ class GroundingDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_paths and not self.train_sets:
             self.train_sets = [self._load(p, f"train[{i}]") for i, p in enumerate(self.train_paths)]
+            if not self.train_reasoning:
+                for ds in self.train_sets:
+                    ds.samples = [dataclasses.replace(s, reasoning=None) for s in ds.samples]
         if stage in (None, "fit", "validate") and not self.val_sets:
             self.val_sets = {n: self._load(p, n, self.max_eval_samples) for n, p in self.val_paths.items()}
         if stage in (None, "test") and not self.test_sets:

@@ -132,11 +132,11 @@ def budget_sweep(make_generate_fn: Callable[[int], GenerateFn], budgets: int | S
     out = Path(out_dir)
     rows = []
     model = evaluate_kwargs.pop("model_name", "model")
+    extra = dict(evaluate_kwargs.pop("extra", None) or {})
     for b in check_budgets(budgets):
         sub = out / f"budget_{b}"
-        res = evaluate(make_generate_fn(b), splits, sub, model_name=f"{model} (B={b})", **evaluate_kwargs)
-        res["reasoning_budget"] = {"budget": b, "answer_tokens": answer_tokens}
-        _write(sub / "results.json", json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+        res = evaluate(make_generate_fn(b), splits, sub, model_name=f"{model} (B={b})", **evaluate_kwargs,
+                       extra={**extra, "reasoning_budget": {"budget": b, "answer_tokens": answer_tokens}})
         rows.append({**budget_row(b, res), "results": str(sub / "results.json")})
     summary = {"model": model, "answer_tokens": answer_tokens, "budgets": rows,
                "figure": [str(p) for p in budget_curves(rows, out / CURVES_NAME)]}

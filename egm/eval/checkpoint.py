@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from egm.compat import model_from_config
-from egm.eval.budget import budget_generate_fn, budget_sweep, check_budgets
+from egm.eval.budget import budget_generate_fn, budget_sweep, budget_table, check_budgets
 from egm.eval.latency import cpu_name
 from egm.eval.report import results_summary
-from egm.eval.runner import GenerateFn, GenerationOutput, _write_json, evaluate
+from egm.eval.runner import GenerateFn, GenerationOutput, evaluate
 from egm.generation.budget import BudgetPlan, hf_budget_generate, vllm_budget_generate
 from egm.generation.hf import count_generated, hf_generate
 from egm.generation.rollout import RolloutEngine
@@ -132,16 +132,18 @@ def evaluate_checkpoint(
                 return budget_generate_fn(lambda exs: vllm_budget_generate(eng, exs, b, sampling, answer_tokens))
             return budget_generate_fn(lambda exs: hf_budget_generate(adapter, model, exs, b, sampling, answer_tokens))
 
-        return budget_sweep(budget_fn, budgets, manifests, out_dir, answer_tokens=answer_tokens,
+        summary = budget_sweep(budget_fn, budgets, manifests, out_dir, answer_tokens=answer_tokens,
                             batch_size=batch_size, latency_fraction=latency_fraction, seed=seed,
                             num_gpus=num_gpus, parse_fn=adapter.parse, n_params=n_params,
-                            model_name=model_name or Path(checkpoint.rstrip("/")).name)
+                            model_name=model_name or Path(checkpoint.rstrip("/")).name,
+                            extra={"device": device_info(device, num_gpus)})
+        print(budget_table(summary["budgets"]), flush=True)
+        return summary
+    # what the latency was measured on goes into results.json: a CPU run has no "GPU latency"
     results = evaluate(generate_fn, manifests, out_dir, batch_size=batch_size,
                        latency_fraction=latency_fraction, seed=seed, num_gpus=num_gpus, parse_fn=adapter.parse,
-                       model_name=model_name or Path(checkpoint.rstrip("/")).name, n_params=n_params)
-    # what the latency was measured on, for the reports (a CPU run has no "GPU latency")
-    results["device"] = device_info(device, num_gpus)
-    _write_json(Path(out_dir) / "results.json", results)
+                       model_name=model_name or Path(checkpoint.rstrip("/")).name, n_params=n_params,
+                       extra={"device": device_info(device, num_gpus)})
     print(results_summary(results), flush=True)
     return results
 

@@ -214,8 +214,13 @@ def evaluate(
     latency_warmup: int = 1,
     clock: Clock = time.perf_counter,
     loader: Callable[[str], Image.Image] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``generate_fn`` on ``splits`` and write ``out_dir/results.json`` (returned as a dict).
+
+    ``extra`` adds top-level entries to results.json: ``device`` (what the model ran on,
+    ``egm.eval.checkpoint.device_info``, so that a report says what a latency was measured on),
+    ``reasoning_budget`` (``egm.eval.budget``).
 
     ``latency_splits`` defaults to the RefCOCO splits being evaluated (Sec. 5.2), or every split
     when none is RefCOCO; ``latency_fraction=0`` skips the latency pass. ``loader`` defaults to
@@ -260,6 +265,7 @@ def evaluate(
         "summary": summarize(metrics),
         "latency": latency,
     }
+    results.update(extra or {})
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "results.json", results)
     return results

@@ -266,13 +266,13 @@ def default_dims() -> dict[str, int]:
                 image_size=64, max_pixels=128 * 128)
 
 
-def _write(family: str, out: Path, seed: int, dims: dict[str, int]) -> None:
+def _write(family: str, out: Path, seed: int, dims: dict[str, int], init_seed: int) -> None:
     from transformers import GenerationConfig, InternVLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
     tok = build_tokenizer(family, dims["vocab_size"], seed)
     cfg = (_qwen_config if family == "qwen3_vl" else _internvl_config)(tok, **dims)
     cls = Qwen3VLForConditionalGeneration if family == "qwen3_vl" else InternVLForConditionalGeneration
-    torch.manual_seed(seed)
+    torch.manual_seed(init_seed)
     model = cls(cfg).eval()
     _init_for_grounding(model)
     stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
@@ -284,7 +284,7 @@ def _write(family: str, out: Path, seed: int, dims: dict[str, int]) -> None:
         video.write_text(json.dumps(_video_config(family, dims["image_size"], dims["max_pixels"]), indent=2))
     n = sum(p.numel() for p in model.parameters())
     (out / _MARKER).write_text(json.dumps(
-        {"family": family, "seed": seed, "dims": dims, "version": _VERSION, "parameters": n}, indent=1))
+        {"family": family, "seed": seed, "init_seed": init_seed, "dims": dims, "version": _VERSION, "parameters": n}, indent=1))
 
 
 @torch.no_grad()
@@ -313,8 +313,12 @@ def _same_tree(a: Path, b: Path) -> bool:
     return fa == fb and all(filecmp.cmp(a / f, b / f, shallow=False) for f in fa)
 
 
-def make_tiny(family: str, out_dir: str | Path, seed: int = 0, **dims: int) -> Path:
+def make_tiny(family: str, out_dir: str | Path, seed: int = 0, init_seed: int | None = None, **dims: int) -> Path:
     """Write a complete tiny checkpoint folder for ``family`` ("qwen3_vl" or "internvl").
+
+    ``seed`` seeds the tokenizer's corpus and, unless ``init_seed`` is given, the random weights;
+    ``init_seed`` changes the weights alone, so that runs over seeds share one vocabulary
+    (``egm demo --seed``).
 
     Idempotent: the folder is built in a temporary sibling and left untouched when an existing
     one is byte-identical; a different earlier tiny build is replaced; any other non-empty
@@ -332,7 +336,7 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0, **dims: int) -> P
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _write(family, tmp, seed, full)
+        _write(family, tmp, seed, full, seed if init_seed is None else init_seed)
         if out.exists() and _same_tree(tmp, out):
             return out
         if out.exists():

@@ -209,3 +209,25 @@ def test_jsonargparse_builds_it(world):
     dm = p.instantiate_classes(cfg).data
     assert isinstance(dm, GroundingDataModule) and dm.val_names == ["val_plain"] and dm.batch_size == 4
     assert os.path.isfile(dm.train_paths[0])
+
+
+def test_train_reasoning_false_trains_on_the_same_samples_box_only(world, tiny_dirs):
+    """The box-only arm of the reasoning ablation: same train samples and order, no trace in the
+    target; evaluation samples keep theirs."""
+    from egm.models import Qwen3VLAdapter
+
+    _, paths = world
+    kw = dict(train=paths["train"], val={"val": paths["val"]}, batch_size=4, seed=3)
+    with_r, box_only = GroundingDataModule(**kw), GroundingDataModule(**kw, train_reasoning=False)
+    for dm in (with_r, box_only):
+        dm.setup("fit")
+    assert ids(with_r) == ids(box_only)
+    a, b = with_r.train_sets[0].samples[0], box_only.train_sets[0].samples[0]
+    assert a.reasoning and b.reasoning is None and (a.id, a.box, a.sentence) == (b.id, b.box, b.sentence)
+    assert [s.reasoning for s in box_only.val_sets["val"].samples] == [s.reasoning for s in with_r.val_sets["val"].samples]
+    adapter = Qwen3VLAdapter(str(tiny_dirs["qwen3_vl"]), thinking=True)
+    batch = adapter.collate_train([box_only.train_sets[0][0]])  # what SFT trains on
+    labels = batch["labels"][0]
+    target = adapter.tokenizer.decode(labels[labels != -100], skip_special_tokens=False)
+    assert target.startswith("\n</think>\n\n```json"), target  # "<think>\n" ends the prompt
+    assert target.strip().removesuffix("<|im_end|>").strip().endswith("```")

@@ -38,13 +38,15 @@ def test_check_budgets_fails_at_the_edge():
 
 
 @pytest.mark.timeout(600)
-def test_sweep_writes_results_summary_and_curves(qwen_dir, world, tmp_path):
+def test_sweep_writes_results_summary_and_curves(qwen_dir, world, tmp_path, capsys):
     """(d) per-budget results + predictions, budget_sweep.json|md and the two-panel PNG/SVG;
     (b) a budget >= max length gives the predictions of a run without a budget; a rerun resumes."""
     common = dict(family="qwen3_vl", torch_dtype="float32", device="cpu", max_new_tokens=M, batch_size=2,
                   latency_fraction=0.4)
     summary = evaluate_checkpoint(str(qwen_dir), _manifests(world), str(tmp_path / "sweep"),
                                   reasoning_budget=[0, 4, M], answer_tokens=4, **common)
+    printed = capsys.readouterr().out
+    assert budget_table(summary["budgets"]) in printed  # the sweep prints its table
     base = evaluate_checkpoint(str(qwen_dir), _manifests(world), str(tmp_path / "plain"), **common)
     out = tmp_path / "sweep"
     assert [r["budget"] for r in summary["budgets"]] == [0, 4, M]
@@ -53,6 +55,7 @@ def test_sweep_writes_results_summary_and_curves(qwen_dir, world, tmp_path):
     for row in summary["budgets"]:
         res = json.loads((out / f"budget_{row['budget']}" / "results.json").read_text())
         assert res["reasoning_budget"] == {"budget": row["budget"], "answer_tokens": 4}
+        assert res["device"]["type"] == "cpu" and res["device"]["threads"] >= 1
         assert set(res["splits"]) == {"val_plain", "val_relation"} and res["latency"]["n"] > 0
         assert row == {**budget_row(row["budget"], res), "results": row["results"]}
         assert row["latency_mean_ms"] > 0 and row["mean_tokens"] is not None

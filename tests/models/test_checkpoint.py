@@ -88,7 +88,7 @@ def test_freeze_vision_and_gradient_checkpointing(tiny_dirs, family):
 
 def test_bad_dtype_is_rejected_at_construction():
     with pytest.raises(ValueError, match="torch_dtype"):
-        Qwen3VLAdapter("x", torch_dtype="float33")
+        Qwen3VLAdapter("org/x", torch_dtype="float33")  # a hub id: the dtype check comes first
 
 
 def test_make_tiny_is_idempotent_and_refuses_foreign_folders(tmp_path):
@@ -114,3 +114,20 @@ def test_tiny_tokenizer_splits_digits_and_keeps_words_whole(tiny_dirs):
         assert len(tok.tokenize(" " + w)) == 1, w
     text = 'Locate the red circle amodally\n```json\n[\n\t{"bbox_2d": [1, 2, 3, 4]}\n]\n```'
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_init_seed_changes_the_weights_but_not_the_vocabulary(tmp_path):
+    """``egm demo --seed`` varies the initialisation over one shared tokenizer."""
+    import json
+
+    import safetensors.torch
+
+    a = make_tiny("qwen3_vl", tmp_path / "a", text_layers=1)
+    b = make_tiny("qwen3_vl", tmp_path / "b", text_layers=1, init_seed=1)
+    c = make_tiny("qwen3_vl", tmp_path / "c", text_layers=1, init_seed=0)
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+    wa, wb, wc = (safetensors.torch.load_file(d / "model.safetensors") for d in (a, b, c))
+    assert wa.keys() == wb.keys()
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)  # init_seed = seed is the default
+    assert json.loads((b / "egm_tiny.json").read_text())["init_seed"] == 1

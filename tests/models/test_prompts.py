@@ -26,7 +26,7 @@ PAPER = {
 }
 
 # Adapters whose text methods need no checkpoint (the processor is loaded lazily).
-QWEN, QWEN_INSTRUCT, INTERN = Qwen3VLAdapter("unused"), Qwen3VLAdapter("unused", thinking=False), InternVLAdapter("unused")
+QWEN, QWEN_INSTRUCT, INTERN = Qwen3VLAdapter("unused/unused"), Qwen3VLAdapter("unused/unused", thinking=False), InternVLAdapter("unused/unused")
 
 
 @pytest.mark.parametrize("family,task", sorted(PAPER))

@@ -15,6 +15,7 @@ samples. The curation oracle (:class:`egm.curation.oracle.OracleTeacher`) answer
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from egm.data.manifest import Sample
@@ -65,6 +66,20 @@ def location_phrase(box: Sequence[float], width: float, height: float) -> str:
     return _LOCATIONS[(row, col)]
 
 
+_LOCATION_RE = re.compile("|".join(re.escape(p) for p in sorted(_LOCATIONS.values(), key=len, reverse=True)))
+
+
+def named_region(reasoning: str | None) -> str | None:
+    """The region a trace names for its target: the last :func:`location_phrase` in it.
+
+    Every synthetic trace names the target's location last (a relation trace names its anchor's
+    first), so this reads back what a model trained on them says about *where* the target is;
+    ``None`` when no location phrase appears.
+    """
+    found = _LOCATION_RE.findall(reasoning or "")
+    return found[-1] if found else None
+
+
 def _n(k: int) -> str:
     return _NUMBERS.get(k, str(k))
 
@@ -85,6 +100,8 @@ def synthetic_trace(sample: Sample) -> str:
     d = m["difficulty"]
     if d == "plain":
         others = sorted({o["shape"] + "s" for o in objs if o["shape"] != shape})
+        if not others:  # the demo layout's plain scenes hold the target alone
+            return f"The {shape} {loc} is the only object, so it is the target."
         return (f"The other objects are {' and '.join(others)}, and there is only one {shape}, "
                 f"{loc}, so it is the target.")
     if d == "attribute":

@@ -84,3 +84,32 @@ def test_data_layer_imports_without_openai():
     code = ("import sys; sys.modules['openai'] = None; import egm.data.synthetic; "
             "from egm.curation.oracle import OracleTeacher; from egm.curation.jobs import vanilla_request")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_plain_trace_of_a_lone_target_names_no_empty_list():
+    """The demo layout's plain scenes hold the target alone: the trace must not read
+    "The other objects are , and there is only one square"."""
+    from egm.data.synthetic.scenes import Layout
+
+    for i in range(10):
+        sc = make_scene(sample_rng(0, "t", i), "plain", 128, layout=Layout(object_scale=1.6, max_objects=1))
+        s, _ = scene_sample(sc, "x.png", f"s{i}", "t", 128)
+        assert len(s.meta["objects"]) == 1
+        shape = s.meta["objects"][0]["shape"]
+        assert s.reasoning == f"The {shape} {location_phrase(s.box, 128, 128)} is the only object, so it is the target."
+        assert "are ," not in s.reasoning
+    crowded = scene_sample(make_scene(sample_rng(0, "t", 0), "plain", 128), "x.png", "c", "t", 128)[0]
+    assert crowded.reasoning.startswith("The other objects are ")
+
+
+def test_named_region_reads_back_the_target_location_of_every_trace():
+    from egm.data.synthetic.traces import named_region
+
+    for d in DIFFICULTIES:
+        for i in range(20):
+            sc = make_scene(sample_rng(2, "t", i), d, 128)
+            s, _ = scene_sample(sc, "x.png", f"s{i}", "t", 128)
+            box = s.visible_box if d == "amodal" else s.box
+            assert named_region(s.reasoning) == location_phrase(box, 128, 128), s.reasoning
+    assert named_region("The red circle is at the top. Of the two squares, only the one at the top left is") == "at the top left"
+    assert named_region("no place named") is None and named_region(None) is None
