@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from egm.eval.plots import _figure
+from egm.eval.plots import new_figure, save_png_svg
 from egm.eval.runner import GenerateFn, GenerationOutput, evaluate
 from egm.generation.budget import BudgetAnswer
 
@@ -90,7 +90,7 @@ def budget_curves(rows: Sequence[Mapping[str, Any]], out_stem: str | os.PathLike
     budget. Writes PNG and SVG."""
     rows = sorted(rows, key=lambda r: r["budget"])
     splits = sorted({s for r in rows for s in r["accuracy"]})
-    fig = _figure(figsize, dpi)
+    fig = new_figure(figsize, dpi)
     panels = [("mean_tokens", "Mean generated tokens"), ("latency_mean_ms", "Latency (ms, batch size 1)")]
     for i, (key, xlabel) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
@@ -116,12 +116,7 @@ def budget_curves(rows: Sequence[Mapping[str, Any]], out_stem: str | os.PathLike
     fig.axes[1].set_title("Accuracy vs. latency")
     fig.axes[0].legend(fontsize=7, loc="best")
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.9, wspace=0.22)
-    stem = Path(out_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")]
-    for p in paths:
-        fig.savefig(p, dpi=dpi)
-    return paths
+    return save_png_svg(fig, out_stem, dpi)
 
 
 def budget_sweep(make_generate_fn: Callable[[int], GenerateFn], budgets: int | Sequence[int],

@@ -42,7 +42,8 @@ EGM_COLOR = "tab:green"
 OTHER_COLOR = "tab:gray"
 
 
-def _figure(figsize: tuple[float, float], dpi: int) -> Figure:
+def new_figure(figsize: tuple[float, float], dpi: int) -> Figure:
+    """A figure on the Agg canvas, without pyplot's global state (safe in training processes)."""
     fig = Figure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
@@ -83,7 +84,7 @@ def accuracy_vs_latency(
         if acc is not None and lat:
             pts.append((r["model"], float(lat), 100.0 * acc))
             devices.add(device_label(r.get("device")) if on_cpu(r) else "GPU")
-    fig = _figure(figsize, dpi)
+    fig = new_figure(figsize, dpi)
     ax = fig.add_subplot(1, 1, 1)
     xs = [p[1] for p in pts]
     if log_x is None:
@@ -109,6 +110,11 @@ def accuracy_vs_latency(
     ax.set_title("Accuracy vs. efficiency")
     ax.grid(True, alpha=0.3)
     fig.subplots_adjust(left=0.12, right=0.95, bottom=0.12, top=0.92)
+    return save_png_svg(fig, out_stem, dpi)
+
+
+def save_png_svg(fig: Figure, out_stem: str | os.PathLike, dpi: int) -> list[Path]:
+    """Write ``<out_stem>.png`` and ``.svg`` (the paper-figure plots come in both)."""
     stem = Path(out_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")]
@@ -127,7 +133,7 @@ def iou_histogram(
 ) -> Path:
     """Histogram of per-sample IoU (failures count at 0) with the success threshold marked."""
     vals = [record_iou(v) if isinstance(v, Mapping) else float(v) for v in records_or_ious]
-    fig = _figure(figsize, dpi)
+    fig = new_figure(figsize, dpi)
     ax = fig.add_subplot(1, 1, 1)
     ax.hist(np.asarray(vals, dtype=np.float64), bins=bins, range=(0.0, 1.0), color=HIST_COLOR, alpha=0.8)
     ax.axvline(SUCCESS_IOU, color=PRED_COLOR, linestyle="--", label=f"success: IoU > {SUCCESS_IOU}")
@@ -215,7 +221,7 @@ def qualitative_panels(
     n = max(1, len(records))
     ncols = max(1, min(ncols, n))
     nrows = (n + ncols - 1) // ncols
-    fig = _figure((ncols * panel_size[0], nrows * panel_size[1]), dpi)
+    fig = new_figure((ncols * panel_size[0], nrows * panel_size[1]), dpi)
     title_room = 0.3 / (nrows * panel_size[1])  # 0.3 inch above the first row's titles
     grid = fig.add_gridspec(2 * nrows, ncols, height_ratios=[3, 2] * nrows, hspace=0.12, wspace=0.05,
                             left=0.02, right=0.98, top=1 - title_room, bottom=0.02)

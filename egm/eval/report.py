@@ -95,7 +95,8 @@ def efficiency_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
         cpu = on_cpu(r)
         rows.append({
             MODEL_COLUMN: r["model"],
-            "#Params (B)": _num(n_params / 1e9 if n_params else None, "{:.2f}"),
+            "#Params (B)": _num(n_params / 1e9 if n_params else None,
+                                "{:.2f}" if (n_params or 0) >= 1e7 else "{:.2g}"),  # a tiny model: 0.001
             "Device": device_label(r.get("device")),
             "#GPUs": "0" if cpu else str(r.get("num_gpus", 1)),
             "Latency (ms)": _num(lat.get("mean_ms")),

@@ -9,7 +9,7 @@ from PIL import Image
 
 from egm.eval.benchmarks import REFCOCO_SPLIT_NAMES, table3_columns
 from egm.eval.plots import accuracy_vs_latency, iou_histogram, qualitative_panels
-from egm.eval.report import EFFICIENCY_COLUMNS, load_results, make_report, table3_rows, write_tables
+from egm.eval.report import EFFICIENCY_COLUMNS, efficiency_rows, load_results, make_report, table3_rows, write_tables
 
 
 def split(acc, n=1000, task="vanilla"):
@@ -70,6 +70,7 @@ def test_tables_have_paper_columns_and_numbers(tmp_path, result_files):
     assert list(eff[0]) == EFFICIENCY_COLUMNS
     assert eff[1]["GPU latency (ms)"] == "400" and eff[1]["#Params (B)"] == "2.10" and eff[2]["#GPUs"] == "8"
     assert table3_rows(res)[1]["Avg. Acc"] == "89.6"
+    assert efficiency_rows([{**res[0], "n_params": 1_024_000}])[0]["#Params (B)"] == "0.001"  # not "0.00"
 
 
 def test_accuracy_vs_latency_png_and_svg(tmp_path, result_files):
