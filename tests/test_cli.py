@@ -119,6 +119,19 @@ def test_demo_tools_from_the_console_script_outside_the_checkout(tmp_path):
     assert "recipe: my_rl.yaml" in r.stdout and "max_steps: 7" in r.stdout and "seed: 3" in r.stdout
 
 
+def test_a_tool_building_the_lightning_cli_gets_no_args_warning(monkeypatch):
+    """`egm demo` builds the LightningCLI with its own args while sys.argv holds the tool's command
+    line; Lightning must not warn "args parameter is intended to run from within Python"."""
+    import warnings
+
+    monkeypatch.setattr(sys, "argv", ["egm", "demo", "--seed", "1"])
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(SystemExit):
+        warnings.simplefilter("always")
+        cli.lightning_cli(["--config", "configs/demo_sft.yaml", "--print_config"], run=False)
+    assert not [w for w in seen if "args parameter" in str(w.message)]
+    assert sys.argv == ["egm", "demo", "--seed", "1"]  # restored
+
+
 def test_tool_logs_reach_stderr(tmp_path, capsys):
     """What a tool used to print (here make-synthetic's summary) is logged to stderr instead."""
     cli.main(["make-synthetic", "--out_dir", str(tmp_path), "--n_train", "2", "--n_val", "1", "--n_test", "1"])

@@ -49,6 +49,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert set(rl) == {"after SFT (start)", "after GRPO"}
     text = (tmp_path / "results_rl.md").read_text()
     assert "(2 steps)" in text and "| split | after SFT (start) | after GRPO | fixed | broken | p (McNemar) |" in text
+    assert ":func:" not in text and "`egm.eval.metrics.paired_comparison`" in text  # Markdown, not Sphinx
     saved = json.loads((tmp_path / "results_rl.json").read_text())
     for split, c in saved["paired"].items():  # the flips account for the change in accuracy
         assert c["n"] == 3
