@@ -49,18 +49,19 @@ demo-rl: install  # GRPO on top of `make demo`'s SFT export (250 steps, validati
 	$(BIN)/egm demo-rl
 
 demo-budget: install  # the reasoning-token budget curve of `make demo`'s SFT export
-	$(BIN)/egm demo-budget
+	$(BIN)/egm demo-budget --root runs/demo
 
 # The claims of the README: the demo over 3 seeds and the reasoning vs box-only vs GRPO ablation,
-# 1 torch thread per run. Seeds run one after another; `egm demo-seeds --seeds [N]` runs one seed
+# 1 torch thread per run, in the test venv: the numbers were measured there, and the light venv's
+# newer packages (transformers, numpy; no torchvision) make other draws of the same seeds. Seeds run one after another; `egm demo-seeds --seeds [N]` runs one seed
 # into the same root, so seeds can run side by side, and then this target only writes the table
 # (every step whose output exists is skipped).
-demo-seeds: install
-	$(BIN)/egm demo-seeds --seeds [0,1,2] --root runs/seeds
+demo-seeds: install-test
+	$(TBIN)/egm demo-seeds --seeds [0,1,2] --root runs/seeds
 
 # The opt-in longer schedule (twice the SFT epochs, no GRPO arm): the reasoning ablation again.
-demo-long: install
-	$(BIN)/egm demo-seeds --seeds [0,1,2] --root runs/seeds_long --max_epochs 10 --grpo false --report false
+demo-long: install-test
+	$(TBIN)/egm demo-seeds --seeds [0,1,2] --root runs/seeds_long --max_epochs 10 --grpo false --report false
 
 test: install-test
 	$(TBIN)/python -m pytest -q

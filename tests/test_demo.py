@@ -32,7 +32,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert set(rows["after SFT"]) == {f"val_{d}" for d in ("plain", "attribute", "ordinal", "relation", "amodal")}
     assert all(0.0 <= v <= 1.0 for r in rows.values() for v in r.values())
     assert "| split | mean-box baseline | untrained | after SFT |" in (tmp_path / "results.md").read_text()
-    assert json.loads((tmp_path / "results.json").read_text()) == rows
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert {k: saved[k] for k in rows} == rows and saved["seed"] == 0 and "torch threads 1" in saved["machine"]
     assert (tmp_path / "sft_export" / "model.safetensors").exists()
     report = tmp_path / "report"
     for name in ("splits.md", "efficiency.md", "accuracy_vs_latency.png", "accuracy_vs_latency.svg"):
@@ -100,7 +101,8 @@ def test_demo_seeds_tables_follow_from_the_per_seed_files(tmp_path):
         per_seed = {a: [sum(r["success"] for r in run[sp].values()) / len(run[sp]) for run in runs]
                     for a, runs in arms.items()}
         assert out["accuracy"]["grpo"][sp] == per_seed["grpo"]
-        cells = [f"{100 * statistics.mean(v):.1f} ± {100 * statistics.stdev(v):.1f}" for v in per_seed.values()]
+        half_up = lambda x: f"{100 * x + 1e-9:.1f}"  # noqa: E731  (the report's rounding)
+        cells = [f"{half_up(statistics.mean(v))} ± {half_up(statistics.stdev(v))}" for v in per_seed.values()]
         pooled = {a: {(s, i): r["success"] for s, run in zip((0, 1), runs) for i, r in run[sp].items()}
                   for a, runs in arms.items()}
         rb = _mcnemar_reference(pooled["boxonly_sft"], pooled["reasoning_sft"])
@@ -112,7 +114,7 @@ def test_demo_seeds_tables_follow_from_the_per_seed_files(tmp_path):
         assert f"| {sp} | {cells[0]} | {cells[1]} | {cells[2]} | {rb[0]}/{rb[1]}, {rb[2]:.2g} | {gr[0]}/{gr[1]}, {gr[2]:.2g} |" in text
         named = [r for run in arms["reasoning_sft"] for r in run[sp].values() if r["named_region"] == r["target_region"]]
         assert out["why"][sp]["named_right"] == len(named) / 6
-    assert "`egm demo-seeds --seeds [0,1] --threads 1` on " in text
+    assert f"`egm demo-seeds --seeds [0,1] --root {tmp_path / 's'} --threads 1 --max_epochs 1 --max_steps 1` on " in text
 
     stamp = (tmp_path / "s" / "seed0" / "boxonly_sft_export" / "model.safetensors").stat().st_mtime_ns
     rerun = DEMO.demo_seeds(seeds=[0, 1], **kw)  # every step's output exists: nothing trains again

@@ -32,6 +32,7 @@ import numpy as np
 from egm.boxes import iou_batch
 from egm.data.manifest import Sample
 from egm.eval.metrics import paired_comparison
+from egm.eval.report import pct  # one rounding (half up) for every table
 
 
 def mean_box_baseline(train: Sequence[Sample], evals: dict[str, Sequence[Sample]]) -> dict[str, float]:
@@ -52,7 +53,7 @@ def _table(rows: dict[str, dict[str, float]], splits: list[str]) -> str:
     sep = "|---|" + "---:|" * len(rows)
     lines = [head, sep]
     for sp in splits:
-        lines.append(f"| {sp} | " + " | ".join(f"{100 * r.get(sp, float('nan')):.1f}" for r in rows.values()) + " |")
+        lines.append(f"| {sp} | " + " | ".join(pct(r.get(sp)) for r in rows.values()) + " |")
     return "\n".join(lines)
 
 
@@ -162,7 +163,7 @@ def demo_rl(recipe: str = "configs/demo_rl.yaml", root: str = "runs/demo", seed:
     paired = {sp: paired_comparison(run.outcomes_before[sp], run.outcomes_after[sp]) for sp in splits}
     sizes = sorted({len(cli.datamodule.val_sets[n]) for n in splits})
     lines = ["| split | after SFT (start) | after GRPO | fixed | broken | p (McNemar) |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {sp} | {100 * run.before[sp]:.1f} | {100 * run.after[sp]:.1f} | {c.fixed} | {c.broken} | "
+    lines += [f"| {sp} | {pct(run.before[sp])} | {pct(run.after[sp])} | {c.fixed} | {c.broken} | "
               f"{c.p_value:.3g} |" for sp, c in paired.items()]
     summary = (f"# EGM CPU demo: GRPO (seed {seed})\n\n`egm demo-rl --seed {seed} --threads {threads}` on "
                f"{machine()}.\n\nAccuracy@0.5 (%) on the synthetic validation splits "
@@ -233,9 +234,11 @@ def demo_seeds(
         elif not grpo and not (r / "arms" / "reasoning_sft.json").exists():
             reasoning_arm(sft_recipe, r, seed, n_eval)
     summary = seeds_summary(root_p, seeds)
-    text = (f"# EGM CPU demo over seeds {', '.join(map(str, seeds))}\n\n"
-            f"`egm demo-seeds --seeds [{','.join(map(str, seeds))}] --threads {threads}` on {machine()}.\n\n"
-            + summary["markdown"])
+    command = " ".join([f"egm demo-seeds --seeds [{','.join(map(str, seeds))}] --root {root} --threads {threads}",
+                        *([f"--max_epochs {max_epochs}"] if max_epochs is not None else []),
+                        *([f"--max_steps {max_steps}"] if max_steps is not None else []),
+                        *(["--grpo false"] if not grpo else [])])
+    text = f"# EGM CPU demo over seeds {', '.join(map(str, seeds))}\n\n`{command}` on {machine()}.\n\n" + summary["markdown"]
     (root_p / "results.md").write_text(text)
     (root_p / "results.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "markdown"}, indent=1))
     print("\n" + text)
@@ -272,8 +275,8 @@ def reasoning_arm(recipe: str, root: Path, seed: int, n_eval: int = 2000) -> Non
 
 
 def _mean_sd(values: Sequence[float]) -> str:
-    v = 100 * np.asarray(values, dtype=np.float64)
-    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f}"
+    v = np.asarray(values, dtype=np.float64)
+    return f"{pct(v.mean())} ± {pct(v.std(ddof=1))}" if len(v) > 1 else pct(v.mean())
 
 
 def seeds_summary(root: Path, seeds: Sequence[int]) -> dict[str, Any]:
@@ -292,14 +295,14 @@ def seeds_summary(root: Path, seeds: Sequence[int]) -> dict[str, Any]:
     def pooled(a: str, sp: str) -> dict[Any, bool]:
         return {(s, i): r["success"] for s, run in zip(seeds, arms[a]) for i, r in run[sp].items()}
 
-    md = [f"## `make demo` over seeds\n\nAccuracy@0.5 (%) on the demo's validation splits "
+    md = [f"## The SFT demo over seeds\n\nAccuracy@0.5 (%) on the demo's validation splits "
           f"({demos[0]['samples_per_split']} samples each), mean ± standard deviation over "
           f"{len(seeds)} seeds; per seed in brackets.\n",
           "| split | mean-box baseline | untrained | after SFT | after SFT per seed |", "|---|---:|---:|---:|---|"]
     for sp in demo_splits:
         after = [d["after SFT"][sp] for d in demos]
-        md.append(f"| {sp} | {100 * demos[0]['mean-box baseline'][sp]:.1f} | {_mean_sd([d['untrained'][sp] for d in demos])} "
-                  f"| {_mean_sd(after)} | {' / '.join(f'{100 * a:.1f}' for a in after)} |")
+        md.append(f"| {sp} | {pct(demos[0]['mean-box baseline'][sp])} | {_mean_sd([d['untrained'][sp] for d in demos])} "
+                  f"| {_mean_sd(after)} | {' / '.join(pct(a) for a in after)} |")
     has_grpo = "grpo" in arms
     md += ["", f"## Reasoning vs box-only{' vs GRPO' if has_grpo else ''}\n\nSame SFT recipe, samples, steps and "
            f"seeds for both SFT arms (box-only drops the traces: `data.train_reasoning: false`)"
@@ -329,7 +332,7 @@ def seeds_summary(root: Path, seeds: Sequence[int]) -> dict[str, Any]:
            "| split | " + " | ".join(ARMS[a] for a in arms) + " |", "|---|" + "---:|" * len(arms)]
     for sp in [*splits, None]:
         md.append(f"| {sp or 'macro average'} | "
-                  + " | ".join(" / ".join(f"{100 * v:.1f}" for v in acc(a, sp)) for a in arms) + " |")
+                  + " | ".join(" / ".join(pct(v) for v in acc(a, sp)) for a in arms) + " |")
     md += ["", "## Why: does the reasoning name the target's region?\n\nThe reasoning SFT arm, pooled over seeds. "
            "`named right`: the last location phrase of the reasoning (`egm.data.synthetic.traces.named_region`) "
            "is the target's 3x3 region (`location_phrase`; of the visible part for amodal). Accuracies (%) when "
@@ -342,7 +345,7 @@ def seeds_summary(root: Path, seeds: Sequence[int]) -> dict[str, Any]:
         wrong = [r for r in rec if r["named_region"] != r["target_region"]]
         w = {"named_right": len(named) / len(rec), "acc_named_right": _rate(named), "acc_named_wrong": _rate(wrong)}
         why[sp] = w
-        md.append(f"| {sp} | " + " | ".join("n/a" if v != v else f"{100 * v:.1f}" for v in w.values()) + " |")
+        md.append(f"| {sp} | " + " | ".join("n/a" if v != v else pct(v) for v in w.values()) + " |")
     return {"seeds": list(seeds), "demo": demos, "paired": paired, "why": why,
             "accuracy": {a: {sp: acc(a, sp) for sp in splits} for a in arms}, "markdown": "\n".join(md) + "\n"}
 

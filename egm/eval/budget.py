@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from egm.eval.plots import new_figure, save_png_svg
+from egm.eval.report import pct
 from egm.eval.runner import GenerateFn, GenerationOutput, evaluate
 from egm.generation.budget import BudgetAnswer
 
@@ -76,10 +77,10 @@ def budget_table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = ["| budget | mean tokens | latency mean (ms) | " + " | ".join(splits) + f" | {MACRO} |",
              "| ---: | ---: | ---: | " + " | ".join("---:" for _ in splits) + " | ---: |"]
     for r in rows:
-        accs = [f(100 * r["accuracy"][s]) if s in r["accuracy"] else "n/a" for s in splits]
-        macro = None if r["macro_avg"] is None else 100 * r["macro_avg"]
+        accs = [pct(r["accuracy"][s]) if r["accuracy"].get(s) is not None else "n/a" for s in splits]
+        macro = "n/a" if r["macro_avg"] is None else pct(r["macro_avg"])  # rounded as the report's tables
         lines.append(f"| {r['budget']} | {f(r['mean_tokens'])} | {f(r['latency_mean_ms'])} | "
-                     + " | ".join(accs) + f" | {f(macro)} |")
+                     + " | ".join(accs) + f" | {macro} |")
     return "\n".join(lines) + "\n"
 
 

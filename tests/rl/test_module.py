@@ -104,7 +104,7 @@ def test_rollout_defaults_to_the_family_table5_column_with_a_warning(qwen_dir):
     assert (m.rollout.temperature, m.rollout.top_p, m.rollout.top_k, m.rollout.max_new_tokens) == (0.7, 0.9, 50, 1024)
     assert m.hparams.rollout == m.rollout and m.rollout is not TABLE5_ROLLOUT["qwen3_vl"]
     with pytest.warns(UserWarning):
-        m = GRPOModule(InternVLAdapter("unused-path"))  # the adapter loads nothing until configure_model
+        m = GRPOModule(InternVLAdapter("unused/path"))  # the adapter loads nothing until configure_model
     assert (m.rollout.top_p, m.rollout.top_k) == (0.7, -1)
     bare = Qwen3VLAdapter(str(qwen_dir))
     bare.family = "other"
