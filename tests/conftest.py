@@ -41,6 +41,23 @@ def tiny_dirs(tmp_path_factory) -> TinyDirs:
     return TinyDirs(tmp_path_factory.getbasetemp() / "tiny")
 
 
+class RealDirs(TinyDirs):
+    """``family -> real-shaped checkpoint dir`` (:mod:`egm.models.real`: released vocabulary, templates,
+    processors on a tiny trunk); the converted Qwen BPE is cached beside them, built once per session."""
+
+    def __missing__(self, family: str) -> Path:
+        from egm.models.real import real_checkpoint
+
+        self[family] = path = real_checkpoint(family, self.root)
+        return path
+
+
+@pytest.fixture(scope="session")
+def real_dirs(tmp_path_factory) -> RealDirs:
+    """Real-shaped tiny-trunk checkpoints under ``<basetemp>/real``, shared by every test of the session."""
+    return RealDirs(tmp_path_factory.getbasetemp() / "real")
+
+
 @pytest.fixture(scope="session")
 def qwen_dir(tiny_dirs) -> Path:
     return tiny_dirs["qwen3_vl"]

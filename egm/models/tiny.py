@@ -48,7 +48,7 @@ QK_INIT_SCALE = 4.0
 VISION_POS_INIT_STD = 1.0
 
 # Qwen2 / Qwen3 pre-tokenisation regex (digits isolated by ``\p{N}``), as in Qwen2Tokenizer.
-_PRETOKENIZE_REGEX = (
+PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -137,7 +137,7 @@ def build_tokenizer(family: str, vocab_size: int = 1024, seed: int = 0):
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
@@ -313,17 +313,32 @@ def _same_tree(a: Path, b: Path) -> bool:
     return fa == fb and all(filecmp.cmp(a / f, b / f, shallow=False) for f in fa)
 
 
-def make_tiny(family: str, out_dir: str | Path, seed: int = 0, init_seed: int | None = None, **dims: int) -> Path:
+def make_tiny(family: str, out_dir: str | Path, seed: int = 0, init_seed: int | None = None, shape: str = "toy",
+              size: str = "tiny", dtype: str = "float32", **dims: int) -> Path:
     """Write a complete tiny checkpoint folder for ``family`` ("qwen3_vl" or "internvl").
 
     ``seed`` seeds the tokenizer's corpus and, unless ``init_seed`` is given, the random weights;
     ``init_seed`` changes the weights alone, so that runs over seeds share one vocabulary
     (``egm demo --seed``).
 
+    ``shape="real"`` writes a real-shaped folder instead (:func:`egm.models.real.make_real`: the
+    released tokenizer, added tokens, chat template and processors; ``size`` "tiny" for a
+    64-wide trunk with the released 151,936 / 151,674 embedding rows, or a released size such as
+    "2B" with random weights in ``dtype``). ``shape="toy"`` (default) is the 512-token world
+    above, which the demo can learn from scratch.
+
     Idempotent: the folder is built in a temporary sibling and left untouched when an existing
     one is byte-identical; a different earlier tiny build is replaced; any other non-empty
     folder is refused (we never delete something we did not write).
     """
+    if shape == "real":
+        from egm.models.real import make_real
+
+        if dims or init_seed is not None:
+            raise ValueError(f"shape='real' takes size/seed/dtype, not {sorted(dims) or ['init_seed']}")
+        return make_real(family, out_dir, size=size, seed=seed, dtype=dtype)
+    if shape != "toy":
+        raise ValueError(f"shape must be 'toy' or 'real', got {shape!r}")
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     unknown = set(dims) - set(default_dims())
