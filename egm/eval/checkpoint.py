@@ -75,6 +75,8 @@ def evaluate_checkpoint(
     vllm_enforce_eager: bool = False,
     reasoning_budget: int | list[int] | None = None,
     answer_tokens: int = 64,
+    max_pixels: int | None = None,
+    max_patches: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a Hugging Face checkpoint on split manifests (CLI entry point; Table 7 decoding).
 
@@ -102,13 +104,20 @@ def evaluate_checkpoint(
             ``out_dir/budget_<B>``; returns the summary of :func:`egm.eval.budget.budget_sweep`
             (also ``budget_sweep.json|md``, ``budget_curves.png|svg``). ``None``: no budget.
         answer_tokens: answer allowance after a forced end of reasoning (``reasoning_budget``).
+        max_pixels: Qwen3-VL image area cap (``None``: the checkpoint's processor; evaluate at the
+            recipe's training resolution, see configs/).
+        max_patches: InternVL tile cap (``None``: the checkpoint's processor).
     """
     if family not in ADAPTERS:
         raise ValueError(f"family must be one of {sorted(ADAPTERS)}, got {family!r}")
     if engine not in ("hf", "vllm"):
         raise ValueError(f"engine must be 'hf' or 'vllm', got {engine!r}")
     device, torch_dtype = resolve_device(device, torch_dtype)
-    adapter = ADAPTERS[family](checkpoint, torch_dtype=torch_dtype)
+    resolution = {"max_pixels": max_pixels} if family == "qwen3_vl" else {"max_patches": max_patches}
+    if (max_pixels if family != "qwen3_vl" else max_patches) is not None:
+        raise ValueError(f"family {family!r} takes {next(iter(resolution))}, not "
+                         f"{'max_patches' if family == 'qwen3_vl' else 'max_pixels'}")
+    adapter = ADAPTERS[family](checkpoint, torch_dtype=torch_dtype, **resolution)
     sampling = SamplingParams(**{**vars(TABLE7_INFERENCE), "max_new_tokens": max_new_tokens})
     if reasoning_budget is not None:  # fail at the edge: bad budgets, a layout without a delimiter
         budgets = check_budgets(reasoning_budget)

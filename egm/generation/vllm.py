@@ -190,7 +190,7 @@ class VLLMEngine(RolloutEngine):
             max_num_seqs=max_num_seqs,
             enforce_eager=enforce_eager,
             seed=rank // tensor_parallel_size,  # identical sampling within a TP group
-            limit_mm_per_prompt={"image": 1},
+            limit_mm_per_prompt={"image": 1, "video": 0},  # EGM sends no video: no video warm-up or budget
         )
         if current_platform.is_cpu():
             # A prompt split across scheduler steps (chunked prefill) has its sampled token

@@ -120,6 +120,7 @@ class GroundingAdapter:
         self.gradient_checkpointing = gradient_checkpointing
         self.max_length = max_length
         self.n_truncated = 0  # targets cut to fit max_length (counted, never fatal)
+        self.n_prompt_full = 0  # prompts that alone fill max_length (no label left)
         self._processor = None
         self._response_prefix: str | None = None
 
@@ -177,6 +178,10 @@ class GroundingAdapter:
             cut = text.rfind(self.assistant_header)
             self._response_prefix = text[cut + len(self.assistant_header):] if cut >= 0 else ""
         return self._response_prefix
+
+    def image_token_count(self, input_ids: torch.Tensor) -> int:
+        """Image placeholder tokens in ``input_ids`` (the processor's ``image_token``)."""
+        return int((input_ids == self.tokenizer.convert_tokens_to_ids(self.processor.image_token)).sum())
 
     # -- collation -----------------------------------------------------------------------------
     @staticmethod
@@ -245,7 +250,14 @@ class GroundingAdapter:
             n_prompt = enc["input_ids"].shape[-1]
             comp = self._completion_ids(self._target(f))
             room = max(self.max_length - n_prompt, 0)
-            if len(comp) > room:
+            if room == 0:  # nothing of the answer is left to learn: say which sample and why
+                self.n_prompt_full += 1
+                log.warning("prompt of sample %r alone has %d tokens, %d of them image tokens, and fills "
+                            "max_length %d: it trains on no label; lower the image resolution (max_pixels / "
+                            "max_patches) or raise max_length", f.get("id", f["sentence"]), n_prompt,
+                            self.image_token_count(enc["input_ids"]), self.max_length)
+                comp = []
+            elif len(comp) > room:
                 self.n_truncated += 1
                 log.warning("target of %r cut from %d to %d tokens (max_length %d)",
                             f.get("id", f["sentence"]), len(comp), room, self.max_length)

@@ -26,7 +26,8 @@ architectures              :data:`ARCHITECTURES`: the released ``config.json`` f
                            as in ``tools/gpu_check_deepspeed.py``); ``size="tiny"``:
                            :data:`TINY_TRUNK`, the released vocabulary, embedding rows, tying,
                            rope and processors on a 64-wide 2-layer trunk
-weights                    random (``torch.manual_seed(seed)``, transformers' init)
+weights                    random (``torch.manual_seed(seed)``, transformers' init; the tiny
+                           trunk's residual outputs scaled, :func:`_spread_init`)
 =========================  ==================================================================
 
 Deliberate differences of the tiny trunk from the releases (see docs/real_shapes.md): 2 text
@@ -262,6 +263,25 @@ def model_config(family: str, size: str, tok):
                           vision_feature_select_strategy="default", tie_word_embeddings=tie)
 
 
+RESIDUAL_INIT_SCALE = 8.0
+
+
+@torch.no_grad()
+def _spread_init(model: torch.nn.Module) -> None:
+    """Scale the text trunk's residual-branch outputs (``o_proj``, ``down_proj``) by
+    :data:`RESIDUAL_INIT_SCALE`.
+
+    Why: with the standard init a 64-wide random trunk barely changes the residual stream, and
+    through a *tied* head the last input token's own row wins every argmax: greedy decoding then
+    repeats ``\n`` for every prompt and image, and "vLLM's greedy answer equals HF's" compares
+    nothing. Scaled, the answers differ by prompt and image and use the whole vocabulary
+    (measured: ``\n`` x 12 for two prompts at scale 1, two different tokens from ids > 17,000 at 4).
+    """
+    for name, p in model.named_parameters():
+        if p.ndim == 2 and "language_model" in name and name.endswith(("o_proj.weight", "down_proj.weight")):
+            p.mul_(RESIDUAL_INIT_SCALE)
+
+
 def make_real(family: str, out_dir: str | Path, size: str = "tiny", seed: int = 0, dtype: str = "float32",
               cache_dir: str | Path | None = None) -> Path:
     """Write a real-shaped checkpoint folder of ``family`` with random weights.
@@ -285,6 +305,8 @@ def make_real(family: str, out_dir: str | Path, size: str = "tiny", seed: int = 
     cls = Qwen3VLForConditionalGeneration if family == "qwen3_vl" else InternVLForConditionalGeneration
     torch.manual_seed(seed)
     model = model_from_config(cls, cfg, dtype=getattr(torch, dtype)).eval()
+    if size == "tiny":
+        _spread_init(model)
     stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
     model.generation_config = GenerationConfig(eos_token_id=stop, pad_token_id=tok.pad_token_id,
                                                bos_token_id=tok.pad_token_id, do_sample=False)
