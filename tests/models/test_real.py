@@ -30,7 +30,7 @@ def _ad(real_dirs, family, **kw):
     """One adapter per (family, settings) for this module: loading the 151k-token processor takes seconds."""
     key = (family, tuple(sorted(kw.items())))
     if key not in _ADAPTERS:
-        _ADAPTERS[key] = _ad(real_dirs, family, **kw)
+        _ADAPTERS[key] = ADAPTERS[family](str(real_dirs[family]), **kw)
     return _ADAPTERS[key]
 
 
