@@ -63,8 +63,10 @@ class Qwen3VLAdapter(GroundingAdapter):
         if self.min_pixels is None and self.max_pixels is None:
             return {}
         size = self.processor.image_processor.size
-        return {"size": {"shortest_edge": self.min_pixels or size["shortest_edge"],
-                         "longest_edge": self.max_pixels or size["longest_edge"]}}
+        longest = self.max_pixels or size["longest_edge"]
+        # a cap below the checkpoint's floor (released: 65,536 px) lowers the floor with it
+        return {"size": {"shortest_edge": min(self.min_pixels or size["shortest_edge"], longest),
+                         "longest_edge": longest}}
 
     def format_answer(self, rel_box: tuple[int, int, int, int], sentence: str) -> str:
         obj = json.dumps({"bbox_2d": list(rel_box), "label": sentence}, ensure_ascii=False)

@@ -154,6 +154,7 @@ def test_released_chat_templates_render_the_released_layout(real_dirs):
     # Qwen3-VL: 32x32 px per token after the 2x2 merge; 586x480 -> 576x480 (18 x 15) at the released cap
     ("qwen3_vl", {}, 270),
     ("qwen3_vl", {"max_pixels": 65536}, 56),  # scaled by sqrt(281,280 / 65,536), floored to 32: 256x224
+    ("qwen3_vl", {"max_pixels": 16384}, 12),  # below the released 65,536 px floor: 128x96
     # InternVL3: 448 px tiles, 256 tokens each; 586/480 = 1.22 -> 4x3 grid (<= 12 tiles) + thumbnail
     ("internvl", {}, 13 * 256),
     ("internvl", {"max_patches": 1}, 256),  # one tile, no thumbnail
