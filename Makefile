@@ -18,7 +18,7 @@ TBIN := $(TEST_VENV)/bin
 TEST_STAMP := $(TEST_VENV)/.egm-installed
 CPU_ENV := tools/cpu_env
 
-.PHONY: install install-test demo demo-rl demo-budget demo-seeds demo-long test bench clean
+.PHONY: install install-test demo demo-rl demo-budget demo-seeds demo-long test bench clean smoke-real smoke-real-dry
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,17 @@ demo-long: install-test
 
 test: install-test
 	$(TBIN)/python -m pytest -q
+
+# Opt-in real-size smoke run on CPU (issue 22; not part of `make test`): InternVL3-1B-hf (full
+# fine-tuning) and Qwen3-VL-2B-Thinking (LoRA) with random bf16 weights at the released shapes, one
+# 586x480 image: SFT step, GRPO step (G=2, 32 new tokens) with HF and vLLM, egm evaluate on 4
+# samples; wall time and peak RSS per phase in runs/smoke_real/smoke_real.md. Needs ~20 GiB free
+# RAM and ~10 GB disk. smoke-real-dry runs the same script on the real-shaped tiny trunk.
+smoke-real: install-test
+	DS_ACCELERATOR=cpu $(TBIN)/python tools/smoke_real.py --work runs/smoke_real
+
+smoke-real-dry: install-test
+	DS_ACCELERATOR=cpu $(TBIN)/python tools/smoke_real.py --size tiny --dtype float32 --work runs/smoke_real_dry
 
 clean:
 	rm -rf $(VENV) $(TEST_VENV) runs

@@ -102,6 +102,25 @@ def vllm_weight_names(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tenso
             yield name, p.data
 
 
+def repack_lm_heads(model: torch.nn.Module) -> int:
+    """Re-pack every LM head of a vLLM model from its current weight; returns how many.
+
+    Why: vLLM's CPU build packs each head's weight for its GEMM kernel when the head is
+    processed after loading. A weight push (in-place reload) processes each layer whose weights
+    it receives, but a head *tied* to the input embeddings (Qwen3-VL 2B/4B) receives none (its
+    weight arrives as the embedding's), so it kept multiplying by the packed copy of the
+    weights vLLM started with: after a push, vLLM's greedy answers differed from the trained
+    model's (found on the real-shaped checkpoints; the toy ones are untied). Re-packing an
+    untied head is harmless; on GPUs heads use the weight tensor itself and need none of this.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    heads = [m for m in model.modules() if isinstance(m, ParallelLMHead)]
+    for head in heads:
+        head.quant_method.process_weights_after_loading(head)
+    return len(heads)
+
+
 @contextlib.contextmanager
 def merged_lora(model: torch.nn.Module):
     """LoRA deltas merged into the base weights for the block (a no-op without PEFT).
@@ -180,6 +199,7 @@ class VLLMEngine(RolloutEngine):
                      "(CUDA, ROCm and XPU can)", current_platform.device_type)
             enable_sleep_mode = False
         self.enable_sleep_mode, self.sleep_level = enable_sleep_mode, sleep_level
+        self.is_cpu = current_platform.is_cpu()
         kwargs: dict[str, Any] = dict(
             model=model_path or adapter.pretrained_model_name_or_path,
             dtype=dtype,
@@ -225,6 +245,8 @@ class VLLMEngine(RolloutEngine):
         with merged_lora(model):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": vllm_weight_names(model),
                                                               "is_checkpoint_format": True})
+        if self.is_cpu:
+            self.llm.apply_model(repack_lm_heads)
         self.reset_caches()
         self._weights_loaded = True
 
