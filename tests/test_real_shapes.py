@@ -1,6 +1,6 @@
 """The whole path on real-shaped checkpoints of both families (egm.models.real: the released
 vocabulary, 151,936 / 151,674 embedding rows, tying, templates and processors on a tiny trunk),
-with 586x480 RefCOCO-sized images at the recipes' resolution (270 / 3,328 image tokens):
+with 586x480 RefCOCO-sized images (270 / 256 image tokens, see RESOLUTION):
 
 SFT step -> GRPO step (HF engine) -> GRPO step (vLLM engine, push: vLLM greedy == trained HF
 greedy) -> export -> reload in transformers (same logits) and in vLLM through ``egm evaluate``
@@ -35,9 +35,12 @@ from egm.rl.module import GRPOModule
 from egm.sft import SFTModule
 
 FAMILIES = ["qwen3_vl", "internvl"]
-# the recipes' resolution (configs/*_qwen3vl.yaml, *_internvl.yaml): 270 / 3,328 image tokens
-RESOLUTION = {"qwen3_vl": {"max_pixels": 1048576}, "internvl": {"max_patches": 12}}
-IMAGE_TOKENS = {"qwen3_vl": 270, "internvl": 3328}
+# Qwen3-VL at its recipes' resolution (270 image tokens); InternVL at one tile (256 image tokens)
+# instead of its recipes' 12 (3,328 tokens, tests/models/test_real.py): at 3,328 tokens the fp32
+# logits of the 151,674-row head over 4 GRPO sequences alone take 8 GB (every prompt position is
+# scored), beyond what the suite may use on a shared 24 GiB machine.
+RESOLUTION = {"qwen3_vl": {"max_pixels": 1048576}, "internvl": {"max_patches": 1}}
+IMAGE_TOKENS = {"qwen3_vl": 270, "internvl": 256}
 GREEDY = SamplingParams(max_new_tokens=12)
 ROLLOUT = SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=8)
 CPU_VLLM = VLLMSettings(dtype="float32", enforce_eager=True, max_model_len=4096, max_num_seqs=16)
