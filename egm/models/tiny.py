@@ -40,18 +40,14 @@ from typing import Any
 
 import torch
 
+from egm.models.real import PRETOKENIZE_REGEX  # Qwen2's pre-tokenizer regex (digits isolated)
+
 FAMILIES = ("qwen3_vl", "internvl")
 _MARKER = "egm_tiny.json"
 _VERSION = 2
 # Init scales for grounding from scratch (see _init_for_grounding).
 QK_INIT_SCALE = 4.0
 VISION_POS_INIT_STD = 1.0
-
-# Qwen2 / Qwen3 pre-tokenisation regex (digits isolated by ``\p{N}``), as in Qwen2Tokenizer.
-PRETOKENIZE_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 
 _CHAT = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _SPECIAL = {

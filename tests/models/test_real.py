@@ -48,9 +48,7 @@ def test_bpe_equals_tiktoken_on_mixed_text(real_dirs):
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
-    from egm.models.tiny import PRETOKENIZE_REGEX
-
-    enc = tiktoken.Encoding("qwen", pat_str=PRETOKENIZE_REGEX, mergeable_ranks=load_tiktoken_bpe(
+    enc = tiktoken.Encoding("qwen", pat_str=real.PRETOKENIZE_REGEX, mergeable_ranks=load_tiktoken_bpe(
         str(real.qwen_bpe_file())), special_tokens={})
     tok = _ad(real_dirs, "qwen3_vl").tokenizer
     texts = ["Hello world", " 1000", "\n\n", "Locate the man in a red shirt, output its bbox coordinates using JSON format.",
