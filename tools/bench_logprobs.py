@@ -14,7 +14,8 @@ its last hidden states (a leaf that takes a gradient), so the numbers are the he
   (what TRL's GRPOTrainer does: its entropy takes no gradient).
 
 Memory: the growth of the process's resident set over its level before the path, sampled every
-millisecond by a thread (large tensors are ``mmap``-ed by the allocator and returned on ``free``),
+millisecond by a thread (the script re-runs itself with ``MALLOC_MMAP_THRESHOLD_=65536`` so that
+freed tensors leave the resident set),
 on CUDA ``torch.cuda.max_memory_allocated``. It is printed as a multiple of one float32 logits
 tensor of the micro-batch (``b x t x V x 4`` bytes). A path whose predicted peak exceeds the
 memory available is skipped and printed with its prediction. Time: the best of ``--repeat`` runs,
@@ -24,7 +25,10 @@ Part 2: the padding of GRPO micro-batches for a rollout-like length distribution
 60-150 tokens, a few truncated at the maximum), fixed-size micro-batches in rollout order vs
 :func:`egm.rl.ppo.token_micro_batches` (sorted by length, packed up to a token budget).
 
-    python tools/bench_logprobs.py [--shapes 4x512,8x1024,32x256] [--repeat 2] [--threads 2] [--device cpu]
+Part 3 (``--trunk``): the activation memory per token of the released text trunks under gradient
+checkpointing (:func:`trunk_bytes_per_token`), from which the recipes' ``micro_batch_tokens`` follow.
+
+    python tools/bench_logprobs.py [--shapes 4x512,8x1024,32x256] [--repeat 2] [--threads 2] [--device cpu] [--trunk]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import sys
 import threading
 import time
 
@@ -199,7 +204,56 @@ def bench_padding(n_responses: int = 512, max_len: int = 1024, truncated_frac: f
             "packed_padding": padding_fraction(lengths, packed), "packed_batches": len(packed)}
 
 
+# Text trunks of the released checkpoints (their config.json): Qwen3-VL-2B's Qwen3 LM (as in
+# tools/gpu_check_deepspeed.py) and InternVL3-8B's Qwen2.5-7B LM.
+TRUNKS = {
+    "Qwen3-VL-2B": ("Qwen3Config", dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16,
+                                        num_key_value_heads=8, head_dim=128), 28),
+    "InternVL3-8B": ("Qwen2Config", dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                                         num_key_value_heads=4), 28),
+}
+
+
+def trunk_bytes_per_token(name: str, tokens: int = 1024, layers=(1, 3)) -> dict[str, float]:
+    """Activation memory per token of a released LM trunk under gradient checkpointing.
+
+    Peak growth of forward + backward (no head: the hidden states' sum is the loss) with 1 and 3
+    decoder layers, minus the parameters' gradients: the difference is two more layers' checkpoints,
+    the rest the recompute of one layer; a trunk of ``n`` layers then holds
+    ``n x per_layer + recompute`` bytes per token. float32 here; bf16 activations are half.
+    """
+    import torch
+    import transformers
+
+    cfg_name, dims, n_layers = TRUNKS[name]
+    growth = {}
+    for n in layers:
+        cfg = getattr(transformers, cfg_name)(vocab_size=1024, num_hidden_layers=n, **dims)
+        model = transformers.AutoModel.from_config(cfg).train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ids = torch.randint(0, 1024, (1, tokens))
+        grads = sum(p.numel() * 4 for p in model.parameters())
+        with PeakRSS() as mem:
+            model(input_ids=ids, use_cache=False).last_hidden_state.sum().backward()
+        growth[n] = mem.growth - grads
+        del model
+        gc.collect()
+    per_layer = (growth[layers[1]] - growth[layers[0]]) / (layers[1] - layers[0]) / tokens
+    recompute = growth[layers[0]] / tokens - layers[0] * per_layer
+    return {"per_layer": per_layer, "recompute": recompute, "layers": n_layers,
+            "per_token": n_layers * per_layer + recompute}
+
+
+def _mmap_every_allocation() -> None:
+    """Re-run this script with glibc's malloc returning every block over 64 KiB to the system on
+    ``free`` (``MALLOC_MMAP_THRESHOLD_``): the resident set then follows the live tensors, also the
+    few-MB activations that the default heap would keep after freeing."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+
+
 def main() -> None:
+    _mmap_every_allocation()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="4x512,8x1024,32x256")
     ap.add_argument("--repeat", type=int, default=2)
@@ -209,6 +263,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=V_QWEN3VL)
     ap.add_argument("--hidden", type=int, default=H_2B)
     ap.add_argument("--padding-only", action="store_true")
+    ap.add_argument("--trunk", action="store_true", help="also measure the released trunks' activations per token")
     args = ap.parse_args()
 
     import torch
@@ -222,6 +277,15 @@ def main() -> None:
     if not args.padding_only:
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
         print_table(bench_shapes(shapes, args.repeat, chunk, args.device, args.vocab, args.hidden))
+    if args.trunk:
+        print()
+        print("| trunk (gradient checkpointing, float32) | per layer per token | one layer's recompute per token | "
+              "28 layers: per token |")
+        print("|---|---:|---:|---:|")
+        for name in TRUNKS:
+            r = trunk_bytes_per_token(name)
+            print(f"| {name} | {r['per_layer'] / 2**10:.1f} KiB | {r['recompute'] / 2**10:.1f} KiB | "
+                  f"{r['per_token'] / 2**10:.0f} KiB |")
     print()
     print("| rollout (responses, truncated at 1024) | micro-batches | padding |")
     print("|---|---|---:|")
