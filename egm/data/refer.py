@@ -213,17 +213,18 @@ def import_refer(
     """
     pairs = [tuple(d.split("/")) for d in datasets] if datasets else list(STANDARD_DATASETS)
     by_split: dict[str, list[Sample]] = defaultdict(list)
+    present = [(d, b) for d, b in pairs if (Path(data_root) / d / f"refs({b}).p").is_file()]
+    if not present:  # skipping every dataset is a wrong data_root, not a successful import
+        raise FileNotFoundError(f"no REFER dataset under {data_root}: none of "
+                                + ", ".join(f"{d}/refs({b}).p" for d, b in pairs) + " exists")
     imported = []
     for dataset, split_by in pairs:
-        if not (Path(data_root) / dataset / f"refs({split_by}).p").is_file():
+        if (dataset, split_by) not in present:
             log.warning("import_refer: skip %s/%s: refs(%s).p not found under %s", dataset, split_by, split_by, data_root)
             continue
         for s in load_refer(data_root, dataset, split_by, image_dir):
             by_split[s.split].append(s)
         imported.append((dataset, split_by))
-    if not imported:  # skipping every dataset is a wrong data_root, not a successful import
-        raise FileNotFoundError(f"no REFER dataset under {data_root}: none of "
-                                + ", ".join(f"{d}/refs({b}).p" for d, b in pairs) + " exists")
     out = {}
     for split, samples in sorted(by_split.items()):
         path = Path(out_dir) / f"{split}.jsonl"
