@@ -56,15 +56,27 @@ def describe(exc: BaseException) -> str:
 
     A parse error of jsonargparse says where on its first line (``Parser key "trainer.max_steps":``)
     and what went wrong at the end of its chain of causes (``Expected a <class 'int'>. Got value:
-    abc``); the Union listing in between is dropped.
+    abc``). Going up from that end, a cause's message is kept with the headers that wrap it one
+    line at a time (``Problem with given class_path 'egm.sft.SFTModule':``); a listing of the
+    alternatives tried (``Does not validate against any of the Union subtypes ...``), which adds
+    many lines, is where it stops.
     """
     if not isinstance(exc, argparse.ArgumentError) or exc.__cause__ is None:
         return one_line(exc)
-    root = exc.__cause__
-    while root.__cause__ is not None:
-        root = root.__cause__
+    chain = [exc]
+    while chain[-1].__cause__ is not None and len(chain) < 100:
+        chain.append(chain[-1].__cause__)
+    i = len(chain) - 1
+    while i > 0 and _wraps(chain[i - 1], chain[i]):
+        i -= 1
     lines = str(exc).strip().splitlines()
-    where, what = one_line(lines[0] if lines else ""), one_line(root)
-    if what in where:
-        return where
+    where, what = one_line(lines[0] if lines else ""), one_line(chain[i])
+    if what.startswith(where):
+        return what
     return f"{where} {what}" if where.endswith(":") else f"{where}: {what}"
+
+
+def _wraps(outer: BaseException, inner: BaseException) -> bool:
+    """``outer``'s message is ``inner``'s plus at most one line (a header)."""
+    o, n = str(outer).strip(), str(inner).strip()
+    return one_line(n) in one_line(o) and len(o.splitlines()) <= len(n.splitlines()) + 1
