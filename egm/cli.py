@@ -10,6 +10,12 @@ They are registered below by dotted path, or by the path of a script of the sour
 (``tools/demo.py``: the demo is no part of the library), and imported only when called:
 ``egm --help`` and a tool's ``--help`` never import torch, Lightning, vLLM or DeepSpeed. A tool's
 log messages (``egm.*`` loggers, INFO and up) go to stderr.
+
+Every command reports a user error -- a missing file or folder, a bad value, a malformed manifest,
+truncated weights (:mod:`egm.errors` says which exceptions are one) -- as one line,
+``egm <command>: error: <message naming the file or field>``, with exit status 1 (2 when the
+command line or a config file does not parse); ``EGM_DEBUG=1`` shows the traceback instead. Any
+other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
