@@ -20,6 +20,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from egm.errors import InputError
+
 _OPTIMISER = {
     "lr": "> 0",
     "weight_decay": ">= 0",
@@ -120,7 +122,7 @@ def check_ranges(owner: str, values: Mapping[str, Any], rules: Mapping[str, str]
         else:
             good = all(_ok(x, m) for x in items) if items is not None else _ok(v, m)
         if not good:
-            raise ValueError(f"{owner}: {key} must be {_describe(m)}, got {v!r:.80}")
+            raise InputError(f"{owner}: {key} must be {_describe(m)}, got {v!r:.80}")
 
 
 def _describe(m: re.Match) -> str:
