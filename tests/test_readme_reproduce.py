@@ -19,6 +19,7 @@ So a renamed command, flag, config or output path in the README fails here.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import pickle
@@ -190,6 +191,7 @@ def build_world(root: Path, tiny_dirs) -> None:
     _cocoa(data)
     _tao(data)
     (root / "configs").symlink_to(REPO / "configs")
+    (root / "tools").symlink_to(REPO / "tools")
     (root / "models").mkdir()
     (root / REFERENCE_MODEL).symlink_to(tiny_dirs["internvl"])
 
@@ -329,6 +331,29 @@ def test_the_section_is_marked_and_near_the_top():
     assert section.count("```bash") == len(blocks), "every bash block of the section carries a marker"
 
 
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"egm_tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_curation_estimate_in_the_readme_is_the_tools_output(capsys):
+    """Step 2's table is what `python tools/curation_estimate.py` prints, line for line; its request
+    counts follow from Table 2 (575,208 vanilla, 23,698 amodal, Fig. 10 keeping about half)."""
+    tool = load_tool("curation_estimate")
+    tool.main([])
+    printed = capsys.readouterr().out.splitlines()
+    section = reproduce_section((REPO / "README.md").read_text())
+    table = [ln for ln in printed if ln.startswith("|")]
+    assert len(table) == 7 and all(ln in section.splitlines() for ln in table), table
+    rows = {r["key"]: r for r in tool.estimate()}
+    assert rows["vanilla_reasoning"]["requests"] == 575_208
+    assert rows["amodal_description"]["requests"] == rows["amodal_verification"]["requests"] == 2 * 23_698
+    assert rows["amodal_reasoning"]["requests"] == 23_698
+    assert all(r["prompt_tokens_est"] == -(-r["prompt_chars"] // 4) for r in rows.values())
+
+
 def test_parser_reads_markers_continuations_and_comments():
     text = ("\n## Reproduce the paper\n<!-- reproduce: cpu -->\n```bash\n# note\negm a \\\n  --b c\n\ncat x > y\n```\n"
             "```bash\negm unmarked\n```\n<!-- reproduce: gpu -->\n```bash\negm fit --config z.yaml\n```\n## Next\n"
@@ -367,6 +392,11 @@ def test_reproduce_the_paper_runs(tmp_path, tiny_dirs, monkeypatch, one_torch_th
                 else:
                     run_cpu_command(cmd, root, tiny_dirs, monkeypatch)
         asked = teacher.requests
+        # step 2's cost estimate scaled by a trial's measured tokens (the fake teacher bills 800 + 40)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            load_tool("curation_estimate").main(["--trial", "data/curated/amodal_train_reasoning.jsonl.stats.json"])
+        assert "measured 800 input + 40 output tokens each -> 23,698 requests: 19.0 M input + 0.9 M output" in out.getvalue()
         # the README's resume claim: the same curate command again asks the teacher nothing
         curate = next(c for b in blocks for c in b.commands if c.startswith("egm curate --job vanilla"))
         run_cpu_command(curate, root, tiny_dirs, monkeypatch)
