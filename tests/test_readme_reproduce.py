@@ -411,3 +411,23 @@ def test_reproduce_the_paper_runs(tmp_path, tiny_dirs, monkeypatch, one_torch_th
     assert reasoned and all(s["reasoning"] and s["task"] == "amodal" for s in reasoned)
     table3 = (root / "reports/paper/table3.md").read_text()
     assert all(name in table3 for name in ("Qwen3-VL-8B-Thinking", "EGM-Qwen3-VL-8B", "InternVL3-8B", "EGM-InternVL3-8B"))
+
+
+def test_readme_and_docs_links_resolve():
+    """Every relative link of README.md and docs/*.md names a file that exists (the sections moved)."""
+    broken = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if not re.match(r"[a-z]+:", target) and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(REPO)} -> {target}")
+    assert not broken, broken
+
+
+def test_readme_demo_numbers_come_from_docs_demo():
+    """The README's demo summary quotes docs/demo.md, where each number sits next to its command."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("\n## The CPU demo\n")
+    summary = readme[start: readme.index("\n## ", start + 1)]
+    demo = (REPO / "docs" / "demo.md").read_text()
+    numbers = re.findall(r"\d+\.\d+(?: ± \d+\.\d+)?", summary)
+    assert len(numbers) >= 8 and all(n in demo for n in numbers), [n for n in numbers if n not in demo]
