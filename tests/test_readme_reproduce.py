@@ -327,6 +327,7 @@ def test_the_section_is_marked_and_near_the_top():
     blocks = reproduce_blocks(readme)
     assert [b.kind for b in blocks] == ["cpu", "cpu", "gpu", "cpu", "gpu", "cpu", "cpu"]
     assert all(b.commands for b in blocks)
+    assert all(cmd in head for b in blocks for cmd in b.commands), "every command within the first 150 lines"
     section = reproduce_section(readme)
     assert section.count("```bash") == len(blocks), "every bash block of the section carries a marker"
 
