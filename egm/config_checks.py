@@ -29,7 +29,7 @@ _OPTIMISER = {
 }
 
 #: egm.sft.SFTModule
-SFT_RULES: dict[str, str] = {**_OPTIMISER}
+SFT_RULES: dict[str, str] = {**_OPTIMISER, "logprob_chunk_tokens": "int >= 1"}
 
 #: egm.rl.module.GRPOModule (paper Table 5 names)
 GRPO_RULES: dict[str, str] = {
@@ -42,6 +42,8 @@ GRPO_RULES: dict[str, str] = {
     "ppo_epochs": "int >= 1",
     "mini_batch_size": "int >= 1 | None",
     "micro_batch_size": "int >= 1",
+    "micro_batch_tokens": "int >= 1 | None",
+    "logprob_chunk_tokens": "int >= 1",
     "max_grad_norm": "> 0 | None",
     "rollout_batch_size": "int >= 1 | None",
     "seed": "int >= 0",

@@ -53,7 +53,8 @@ from egm.optim import build_optimizer
 from egm.reward import reward_from_texts
 from egm.rl.dynamic import dynamic_sampling as dapo_dynamic_sampling
 from egm.rl.grpo import Agg, group_advantages, grpo_loss, sampled_token_entropy
-from egm.rl.ppo import ppo_updates, token_logprobs
+from egm.models.head import DEFAULT_CHUNK_TOKENS
+from egm.rl.ppo import ppo_updates, token_logprobs, token_micro_batches
 from egm.strategies import begin_micro_batch
 from egm.timing import PhaseClock
 from egm.validation import GroundingEvalHooks, GroundingValidation
@@ -103,6 +104,13 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         micro_batch_size: responses per forward/backward (gradient accumulation inside a step; memory
             only, the loss is normalised by the mini-batch's global token count). Table 5's "per
             device train batch size 32" is verl's ``ppo_micro_batch_size_per_gpu``, this knob.
+        micro_batch_tokens: instead of ``micro_batch_size``, micro-batches of at most this many
+            padded (prompt + response) tokens, responses sorted by length
+            (:func:`egm.rl.ppo.token_micro_batches`; verl's ``use_dynamic_bsz`` +
+            ``ppo_max_token_len_per_gpu``). Also used by the old/reference log-prob passes.
+        logprob_chunk_tokens: response tokens per chunk of the vocabulary projection
+            (:mod:`egm.models.head`): the head's peak memory is about three float32
+            ``chunk x V`` buffers, whatever the micro-batch.
         max_grad_norm: gradient clipping (``None``: off; DeepSpeed clips through its own config).
         engine: ``"hf"`` (``model.generate``) or ``"vllm"`` (colocated, GPU).
         rollout_batch_size: responses per HF ``generate`` call (``None``: all at once).
@@ -136,6 +144,8 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         ppo_epochs: int = 1,
         mini_batch_size: int | None = None,
         micro_batch_size: int = 8,
+        micro_batch_tokens: int | None = None,
+        logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         max_grad_norm: float | None = 1.0,
         engine: Literal["hf", "vllm"] = "hf",
         rollout_batch_size: int | None = None,
@@ -220,8 +230,16 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
     # -- log-probs -------------------------------------------------------------------------
     def _forward_logp(self, model, ro: Rollout, idx, with_entropy=False, entropy_grad=False):
         inputs, comp, mask = ro.model_inputs(self.adapter, idx, self.device)
-        logp, ent = token_logprobs(model, inputs, comp, self.rollout.temperature, with_entropy, entropy_grad)
+        logp, ent = token_logprobs(model, inputs, comp, self.rollout.temperature, with_entropy, entropy_grad,
+                                   completion_mask=mask, chunk_tokens=self.hparams.logprob_chunk_tokens)
         return logp, ent, comp, mask
+
+    def micro_batches(self, ro: Rollout, idx: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The responses ``idx`` (default: all) in micro-batches: by count, or by tokens."""
+        idx = torch.arange(len(ro)) if idx is None else idx
+        if self.hparams.micro_batch_tokens is None:
+            return list(idx.split(self.hparams.micro_batch_size))
+        return token_micro_batches(idx, ro.sequence_lengths, self.hparams.micro_batch_tokens)
 
     @torch.no_grad()
     def score(self, ro: Rollout, reference: bool = False) -> torch.Tensor:
@@ -234,7 +252,7 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
             else:  # LoRA: the base model is the initial policy
                 ctx = self.model.disable_adapter()
         with ctx:
-            for idx in torch.arange(len(ro)).split(self.hparams.micro_batch_size):
+            for idx in self.micro_batches(ro):
                 logp, _, comp, _ = self._forward_logp(model, ro, idx)
                 out[idx.to(self.device), :comp.shape[1]] = logp
         return out
@@ -358,7 +376,8 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
                            backward=self.manual_backward, optimizer_step=optimizer_step, epochs=h.ppo_epochs,
                            agg=h.agg, seed=self.rollout_seed(),
                            begin_micro_batch=lambda last: begin_micro_batch(self._trainer, last),
-                           reduce_sum=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), world=world)
+                           reduce_sum=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), world=world,
+                           lengths=ro.sequence_lengths, micro_tokens=h.micro_batch_tokens)
 
 
 def _sampling(p: SamplingParams | dict) -> SamplingParams:
