@@ -211,6 +211,8 @@ def import_refer(
     none of ``datasets`` raises :class:`FileNotFoundError`.
     Returns ``{split: manifest_path}``.
     """
+    # absolute: a manifest resolves a relative image path against its own folder, not the cwd
+    data_root, image_dir = os.path.abspath(data_root), image_dir and os.path.abspath(image_dir)
     pairs = [tuple(d.split("/")) for d in datasets] if datasets else list(STANDARD_DATASETS)
     by_split: dict[str, list[Sample]] = defaultdict(list)
     present = [(d, b) for d, b in pairs if (Path(data_root) / d / f"refs({b}).p").is_file()]
