@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from egm.config_checks import SFT_RULES, check_ranges
+from egm.errors import InputError
 from egm.generation.sampling import SamplingParams
 from egm.models.base import GroundingAdapter
 from egm.models.head import DEFAULT_CHUNK_TOKENS, label_cross_entropy
@@ -134,10 +135,10 @@ class GlobalBatchSize(Callback):
             return
         micro = getattr(trainer.datamodule, "batch_size", None)
         if micro is None:
-            raise ValueError("GlobalBatchSize needs a datamodule with a `batch_size` attribute")
+            raise InputError("GlobalBatchSize needs a datamodule with a `batch_size` attribute")
         per_step = micro * trainer.world_size
         if self.global_batch_size % per_step:
-            raise ValueError(
+            raise InputError(
                 f"global batch {self.global_batch_size} is not a multiple of micro batch {micro} x "
                 f"{trainer.world_size} processes"
             )

@@ -44,6 +44,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from egm.config_checks import GRPO_RULES, check_ranges
+from egm.errors import InputError
 from egm.generation.engines import build_engine
 from egm.generation.rollout import Rollout, RolloutEngine
 from egm.generation.sampling import TABLE5_ROLLOUT, SamplingParams
@@ -162,17 +163,17 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         rollout, val_sampling = _sampling(rollout), _sampling(val_sampling)  # a YAML mapping also works
         vllm = VLLMSettings(**vllm) if isinstance(vllm, dict) else vllm
         if n_samples < 2:
-            raise ValueError(f"n_samples must be >= 2 (group-relative advantages), got {n_samples}")
+            raise InputError(f"n_samples must be >= 2 (group-relative advantages), got {n_samples}")
         if ppo_epochs < 1 or micro_batch_size < 1 or (mini_batch_size is not None and mini_batch_size < 1):
-            raise ValueError("ppo_epochs, micro_batch_size and mini_batch_size must be >= 1")
+            raise InputError("ppo_epochs, micro_batch_size and mini_batch_size must be >= 1")
         if rollout.greedy:
-            raise ValueError("rollout.temperature must be > 0: GRPO needs different samples per group")
+            raise InputError("rollout.temperature must be > 0: GRPO needs different samples per group")
         if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+            raise InputError(f"weight_decay must be >= 0, got {weight_decay}")
         if lr_schedule not in ("per_step", "verl"):
-            raise ValueError(f"lr_schedule must be 'per_step' or 'verl', got {lr_schedule!r}")
+            raise InputError(f"lr_schedule must be 'per_step' or 'verl', got {lr_schedule!r}")
         if max_refill_rounds < 0:
-            raise ValueError(f"max_refill_rounds must be >= 0, got {max_refill_rounds}")
+            raise InputError(f"max_refill_rounds must be >= 0, got {max_refill_rounds}")
         self.save_hyperparameters(ignore=["adapter"])
         self.hparams["rollout"] = rollout  # the resolved settings, also when the family default applied
         self.automatic_optimization = False
@@ -387,7 +388,7 @@ def _sampling(p: SamplingParams | dict) -> SamplingParams:
 def table5_rollout(family: str) -> SamplingParams:
     """Table 5's rollout column for ``family``, with a warning: recipes should state their rollout."""
     if family not in TABLE5_ROLLOUT:
-        raise ValueError(f"model.rollout is not set and Table 5 has no rollout column for family {family!r}; "
+        raise InputError(f"model.rollout is not set and Table 5 has no rollout column for family {family!r}; "
                          f"set model.init_args.rollout (families with defaults: {sorted(TABLE5_ROLLOUT)})")
     p = dataclasses.replace(TABLE5_ROLLOUT[family])  # a copy: the table is shared
     warnings.warn(f"model.rollout is not set: using Table 5's {family} rollout column {p}; state it in the "
