@@ -204,42 +204,47 @@ def bench_padding(n_responses: int = 512, max_len: int = 1024, truncated_frac: f
             "packed_padding": padding_fraction(lengths, packed), "packed_batches": len(packed)}
 
 
-# Text trunks of the released checkpoints (their config.json): Qwen3-VL-2B's Qwen3 LM (as in
-# tools/gpu_check_deepspeed.py) and InternVL3-8B's Qwen2.5-7B LM.
+# Text trunks of the released checkpoints (their config.json): Qwen3-VL-2B's and -8B's Qwen3 LMs
+# (2B as in tools/gpu_check_deepspeed.py; 8B = Qwen3-8B) and InternVL3-8B's Qwen2.5-7B LM.
 TRUNKS = {
     "Qwen3-VL-2B": ("Qwen3Config", dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16,
                                         num_key_value_heads=8, head_dim=128), 28),
+    "Qwen3-VL-8B": ("Qwen3Config", dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
+                                        num_key_value_heads=8, head_dim=128), 36),
     "InternVL3-8B": ("Qwen2Config", dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
                                          num_key_value_heads=4), 28),
 }
 
 
-def trunk_bytes_per_token(name: str, tokens: int = 1024, layers=(1, 3)) -> dict[str, float]:
-    """Activation memory per token of a released LM trunk under gradient checkpointing.
+def trunk_bytes_per_token(name: str, tokens: int = 1024, repeat: int = 2) -> dict[str, float]:
+    """Activation memory per token of a released LM trunk under gradient checkpointing, float32.
 
-    Peak growth of forward + backward (no head: the hidden states' sum is the loss) with 1 and 3
-    decoder layers, minus the parameters' gradients: the difference is two more layers' checkpoints,
-    the rest the recompute of one layer; a trunk of ``n`` layers then holds
-    ``n x per_layer + recompute`` bytes per token. float32 here; bf16 activations are half.
+    Gradient checkpointing keeps each decoder layer's input, ``hidden x 4`` bytes per token and
+    layer (by construction); backward then recomputes one layer at a time, whose activations are
+    measured here: the peak growth of forward + backward of a one-layer trunk at the released
+    widths, parameters frozen (the gradient flows to the input embeddings, so no weight gradient
+    is counted), the worst of ``repeat`` runs. A trunk of ``n`` layers holds about
+    ``n x hidden x 4 + recompute`` bytes per token; bf16 activations are half.
     """
     import torch
     import transformers
 
     cfg_name, dims, n_layers = TRUNKS[name]
-    growth = {}
-    for n in layers:
-        cfg = getattr(transformers, cfg_name)(vocab_size=1024, num_hidden_layers=n, **dims)
-        model = transformers.AutoModel.from_config(cfg).train()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        ids = torch.randint(0, 1024, (1, tokens))
-        grads = sum(p.numel() * 4 for p in model.parameters())
+    cfg = getattr(transformers, cfg_name)(vocab_size=1024, num_hidden_layers=1, **dims)
+    model = transformers.AutoModel.from_config(cfg).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.requires_grad_(False)
+    peak = 0
+    for _ in range(repeat):
+        x = torch.randn(1, tokens, dims["hidden_size"], requires_grad=True)
         with PeakRSS() as mem:
-            model(input_ids=ids, use_cache=False).last_hidden_state.sum().backward()
-        growth[n] = mem.growth - grads
-        del model
-        gc.collect()
-    per_layer = (growth[layers[1]] - growth[layers[0]]) / (layers[1] - layers[0]) / tokens
-    recompute = growth[layers[0]] / tokens - layers[0] * per_layer
+            model(inputs_embeds=x, use_cache=False).last_hidden_state.sum().backward()
+        peak = max(peak, mem.growth)
+        del x
+    del model
+    gc.collect()
+    per_layer = dims["hidden_size"] * 4
+    recompute = peak / tokens - per_layer
     return {"per_layer": per_layer, "recompute": recompute, "layers": n_layers,
             "per_token": n_layers * per_layer + recompute}
 
@@ -279,13 +284,13 @@ def main() -> None:
         print_table(bench_shapes(shapes, args.repeat, chunk, args.device, args.vocab, args.hidden))
     if args.trunk:
         print()
-        print("| trunk (gradient checkpointing, float32) | per layer per token | one layer's recompute per token | "
-              "28 layers: per token |")
+        print("| trunk (gradient checkpointing, float32) | checkpoint per layer per token | one layer's recompute "
+              "per token (measured) | all layers: per token |")
         print("|---|---:|---:|---:|")
         for name in TRUNKS:
             r = trunk_bytes_per_token(name)
             print(f"| {name} | {r['per_layer'] / 2**10:.1f} KiB | {r['recompute'] / 2**10:.1f} KiB | "
-                  f"{r['per_token'] / 2**10:.0f} KiB |")
+                  f"{r['per_token'] / 2**10:.0f} KiB ({r['layers']} layers) |")
     print()
     print("| rollout (responses, truncated at 1024) | micro-batches | padding |")
     print("|---|---|---:|")
