@@ -10,13 +10,21 @@ They are registered below by dotted path, or by the path of a script of the sour
 (``tools/demo.py``: the demo is no part of the library), and imported only when called:
 ``egm --help`` and a tool's ``--help`` never import torch, Lightning, vLLM or DeepSpeed. A tool's
 log messages (``egm.*`` loggers, INFO and up) go to stderr.
+
+Every command reports a user error -- a missing file or folder, a bad value, a malformed manifest,
+truncated weights (:mod:`egm.errors` says which exceptions are one) -- as one line,
+``egm <command>: error: <message naming the file or field>``, with exit status 1 (2 when the
+command line or a config file does not parse); ``EGM_DEBUG=1`` shows the traceback instead. Any
+other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,7 +135,8 @@ def run_tool(name: str, args: Sequence[str]):
 
     target, _ = TOOL_COMMANDS[name]
     fn = _resolve(target)
-    return auto_cli(fn, args=list(args), as_positional=False)
+    # exit_on_error=False: a parse error is raised (with its cause), and main() prints it in one line
+    return auto_cli(fn, args=list(args), as_positional=False, exit_on_error=False)
 
 
 def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
@@ -155,6 +164,8 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
             save_config_kwargs={"overwrite": True},
             args=None if args is None else list(args),
             run=run,
+            # parse errors are raised, not printed with the usage: main() prints them in one line
+            parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in LIGHTNING_COMMANDS}},
         )
 
 
@@ -164,22 +175,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return
-    if argv[0] in TOOL_COMMANDS:
-        from egm.data.manifest import ManifestError
-
-        _log_to_stderr()
-        try:
-            run_tool(argv[0], argv[1:])
-        except ManifestError as e:  # bad input data: one line naming file, record and field
-            print(f"egm {argv[0]}: error: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
-        return
-    if argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
+    if argv[0] not in TOOL_COMMANDS and argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
         print(f"egm: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         raise SystemExit(2)
-    # from the command line LightningCLI reads sys.argv itself (passing it as `args` too makes
-    # Lightning warn that it is meant to run from within Python)
-    lightning_cli(None if from_command_line else argv)
+    try:
+        if argv[0] in TOOL_COMMANDS:
+            _log_to_stderr()
+            run_tool(argv[0], argv[1:])
+        else:
+            # from the command line LightningCLI reads sys.argv itself (passing it as `args` too
+            # makes Lightning warn that it is meant to run from within Python)
+            lightning_cli(None if from_command_line else argv)
+    except Exception as e:
+        report_user_error(argv[0] if not argv[0].startswith("-") else "", e)
+        raise
+
+
+def report_user_error(command: str, exc: BaseException) -> None:
+    """Exit with ``egm <command>: error: <one line>`` if ``exc`` is a user error (:mod:`egm.errors`).
+
+    Returns (the caller re-raises, with its traceback) for a bug, or whenever ``EGM_DEBUG`` is set
+    to anything but ``0`` or nothing. Exit status 2 for a command line or config that does not
+    parse (argparse's convention), 1 for other bad input.
+    """
+    if os.environ.get("EGM_DEBUG", "0") not in ("", "0"):
+        return
+    from egm.errors import describe, find_user_error
+
+    err = find_user_error(exc)
+    if err is None:
+        return
+    print(f"{' '.join(['egm', command]).strip()}: error: {describe(err)}", file=sys.stderr, flush=True)
+    raise SystemExit(2 if isinstance(err, argparse.ArgumentError) else 1) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

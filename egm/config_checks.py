@@ -20,6 +20,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from egm.errors import InputError
+
 _OPTIMISER = {
     "lr": "> 0",
     "weight_decay": ">= 0",
@@ -29,7 +31,7 @@ _OPTIMISER = {
 }
 
 #: egm.sft.SFTModule
-SFT_RULES: dict[str, str] = {**_OPTIMISER}
+SFT_RULES: dict[str, str] = {**_OPTIMISER, "logprob_chunk_tokens": "int >= 1"}
 
 #: egm.rl.module.GRPOModule (paper Table 5 names)
 GRPO_RULES: dict[str, str] = {
@@ -42,6 +44,8 @@ GRPO_RULES: dict[str, str] = {
     "ppo_epochs": "int >= 1",
     "mini_batch_size": "int >= 1 | None",
     "micro_batch_size": "int >= 1",
+    "micro_batch_tokens": "int >= 1 | None",
+    "logprob_chunk_tokens": "int >= 1",
     "max_grad_norm": "> 0 | None",
     "rollout_batch_size": "int >= 1 | None",
     "seed": "int >= 0",
@@ -118,7 +122,7 @@ def check_ranges(owner: str, values: Mapping[str, Any], rules: Mapping[str, str]
         else:
             good = all(_ok(x, m) for x in items) if items is not None else _ok(v, m)
         if not good:
-            raise ValueError(f"{owner}: {key} must be {_describe(m)}, got {v!r:.80}")
+            raise InputError(f"{owner}: {key} must be {_describe(m)}, got {v!r:.80}")
 
 
 def _describe(m: re.Match) -> str:

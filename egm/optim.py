@@ -30,6 +30,8 @@ import math
 
 import torch
 
+from egm.errors import InputError
+
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
     """LR multiplier: linear ramp ``(step+1)/warmup`` then cosine decay to ``min_lr_ratio``.
@@ -88,11 +90,11 @@ def build_optimizer(
             return cosine_with_warmup(s, warmup_steps, max(1, total_steps), min_lr_ratio)
     elif schedule == "verl":
         if steps_per_batch < 1:
-            raise ValueError(f"steps_per_batch must be >= 1, got {steps_per_batch}")
+            raise InputError(f"steps_per_batch must be >= 1, got {steps_per_batch}")
 
         def fn(s: int) -> float:
             return verl_cosine_with_warmup(s // steps_per_batch, warmup_steps, max(1, total_steps), min_lr_ratio)
     else:
-        raise ValueError(f"schedule must be 'per_step' or 'verl', got {schedule!r}")
+        raise InputError(f"schedule must be 'per_step' or 'verl', got {schedule!r}")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

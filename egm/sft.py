@@ -3,8 +3,11 @@
 The model learns to write the reasoning trace, then the answer in its family's box format.
 The loss is the causal-LM cross-entropy on the assistant tokens only: the collator of the
 model adapter sets every other label to -100, so this module only wires adapter, optimiser and
-metrics. Validation generates greedily with the paper's inference parameters (Table 7) on every
-eval split and logs grounding accuracy (IoU > 0.5), mean IoU and the parse-failure rate.
+metrics. Logits are computed only at those tokens, a chunk at a time
+(:func:`egm.models.head.label_cross_entropy`): the same loss and gradients as the model's own
+``loss``, without a ``(b, L, V)`` logits tensor. Validation generates greedily with the paper's
+inference parameters (Table 7) on every eval split and logs grounding accuracy (IoU > 0.5), mean
+IoU and the parse-failure rate.
 
 Paper settings (section 5.1): lr 1e-5, 1 epoch, global batch 128 (8 GPUs); the global batch is
 reached with :class:`GlobalBatchSize`, which derives gradient accumulation from it.
@@ -20,8 +23,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from egm.config_checks import SFT_RULES, check_ranges
+from egm.errors import InputError
 from egm.generation.sampling import SamplingParams
 from egm.models.base import GroundingAdapter
+from egm.models.head import DEFAULT_CHUNK_TOKENS, label_cross_entropy
 from egm.optim import build_optimizer
 from egm.strategies import deepspeed_loss_factor
 from egm.validation import GroundingEvalHooks, GroundingValidation
@@ -43,6 +48,8 @@ class SFTModule(GroundingEvalHooks, LightningModule):
             bounds validation time.
         export_dir: where to write the Hugging Face model + processor at the end of ``fit``
             (``None`` disables the export).
+        logprob_chunk_tokens: label tokens per chunk of the vocabulary projection: logits exist
+            only at label positions, a chunk at a time (:func:`egm.models.head.label_cross_entropy`).
     """
 
     def __init__(
@@ -55,6 +62,7 @@ class SFTModule(GroundingEvalHooks, LightningModule):
         min_lr_ratio: float = 0.0,
         val_sampling: SamplingParams = SamplingParams(),
         export_dir: str | None = None,
+        logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ):
         check_ranges("SFTModule", locals(), SFT_RULES)  # before any model loads (egm.config_checks)
         super().__init__()
@@ -92,10 +100,8 @@ class SFTModule(GroundingEvalHooks, LightningModule):
         second one).
         """
         inputs = batch["inputs"]
-        out = self.model(**inputs)
-        n_tok = (inputs["labels"][..., 1:] != -100).sum()  # the shifted targets the loss averages
+        loss, n_tok = label_cross_entropy(self.model, inputs, self.hparams.logprob_chunk_tokens)
         bs = inputs["input_ids"].shape[0]
-        loss = out.loss
         world = self.trainer.world_size if self._trainer else 1
         if world > 1:
             total = self.trainer.strategy.reduce(n_tok.float(), reduce_op="sum")
@@ -129,10 +135,10 @@ class GlobalBatchSize(Callback):
             return
         micro = getattr(trainer.datamodule, "batch_size", None)
         if micro is None:
-            raise ValueError("GlobalBatchSize needs a datamodule with a `batch_size` attribute")
+            raise InputError("GlobalBatchSize needs a datamodule with a `batch_size` attribute")
         per_step = micro * trainer.world_size
         if self.global_batch_size % per_step:
-            raise ValueError(
+            raise InputError(
                 f"global batch {self.global_batch_size} is not a multiple of micro batch {micro} x "
                 f"{trainer.world_size} processes"
             )

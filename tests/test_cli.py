@@ -1,5 +1,6 @@
 import logging
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,154 @@ def test_tool_logs_reach_stderr(tmp_path, capsys):
     cli.main(["make-synthetic", "--out_dir", str(tmp_path), "--n_train", "2", "--n_val", "1", "--n_test", "1"])
     err = capsys.readouterr().err
     assert "INFO: make_synthetic: wrote 4 samples to" in err
+
+
+# -- user errors: one line naming the file or field, non-zero exit, no traceback (egm.errors) ------
+
+ROOT = HERE.parent
+SFT = str(ROOT / "configs" / "demo_sft.yaml")
+ADAPTER_PATH = "--model.init_args.adapter.init_args.pretrained_model_name_or_path"
+
+# (command line with {T} = a prepared folder, exit status, what the one line names): one case per
+# command (a Lightning command's subprocess costs seconds of imports). Each fails
+# before any model loads; {T}/some_dir exists, {T}/full holds a stray file, {T}/bad.jsonl is a
+# manifest whose first line lacks fields and whose second is no JSON, and runs/ exists in the cwd
+# ({T}), so that runs/nope is a missing local folder, as in a checkout.
+USER_ERRORS = [
+    ("fit --config {SFT} " + ADAPTER_PATH + " runs/nope", 1,
+     ["pretrained_model_name_or_path 'runs/nope': no such local checkpoint folder"]),
+    ("validate --config {T}/missing.yaml", 2, ['"config"', "{T}/missing.yaml"]),
+    ("test --config {SFT} --model.init_args.bogus 3", 2, ['"model"', "Option 'bogus' is not accepted"]),
+    ("predict --config {SFT} " + ADAPTER_PATH + " {T}/some_dir --data.init_args.batch_size 0", 1,
+     ["GroundingDataModule: batch_size must be an integer >= 1, got 0"]),
+    ("demo --threads 0", 1, ["threads must be >= 1, got 0"]),
+    ("demo-rl --root {T}/some_dir", 1, ["{T}/some_dir/data/synthetic_config.json"]),
+    ("demo-budget --root {T}/some_dir", 1, ["'{T}/some_dir/sft_export': no such local checkpoint folder"]),
+    ("demo-seeds --seeds [0] --threads 0", 1, ["threads must be >= 1, got 0"]),
+    ("make-tiny --family qwen3_vl --out_dir {T}/full", 1, ["{T}/full is not empty"]),
+    ("make-synthetic --out_dir {T}/s --difficulties [nope]", 1, ["unknown difficulties ['nope']"]),
+    ("make-synthetic --out_dir {T}/s --n_train abc", 2, ['"n_train"', "abc"]),
+    ("import-refer --data_root {T}/some_dir --out_dir {T}/o", 1, ["no REFER dataset under {T}/some_dir"]),
+    ("import-cocoa --annotation_json {T}/missing.json --image_dir {T} --out {T}/o.jsonl", 1, ["{T}/missing.json"]),
+    ("import-tao-amodal --annotation_json {T}/bad.jsonl --image_dir {T} --out {T}/o.jsonl", 1, ["{T}/bad.jsonl"]),
+    ("evaluate --checkpoint runs/nope --manifests '{{val: {T}/bad.jsonl}}' --out_dir {T}/o", 1,
+     ["pretrained_model_name_or_path 'runs/nope': no such local checkpoint folder"]),
+    ("curate --manifest {T}/bad.jsonl --output {T}/o.jsonl", 1, ["{T}/bad.jsonl:1: field 'image': missing"]),
+    ("select-rl-data --manifest {T}/bad.jsonl --reference {T}/p.jsonl --learner {T}/p.jsonl --output {T}/o.jsonl", 1,
+     ["{T}/bad.jsonl:1: field 'image': missing"]),
+    ("analyze-failures --predictions {T}/missing.jsonl --manifest {T}/bad.jsonl --output {T}/o.jsonl", 1,
+     ["{T}/missing.jsonl"]),
+    ("report --results [{T}/some_dir]", 1, ["{T}/some_dir/results.json: cannot read results"]),
+]
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    for d in ("runs", "some_dir", "full"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("not a checkpoint\n")
+    (tmp_path / "bad.jsonl").write_text('{"id": "a"}\nnot json\n')
+    return tmp_path
+
+
+def _egm_in(cwd, *args, env=None, timeout=180):
+    return subprocess.run([sys.executable, "-m", "egm.cli", *args], capture_output=True, text=True,
+                          env={**ENV, **(env or {})}, cwd=cwd, timeout=timeout)
+
+
+def _assert_one_line_error(r, command: str, rc: int, names: list[str]):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == rc and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert lines[-1].startswith(f"egm {command}: error: "), r.stderr[-3000:]
+    for name in names:
+        assert name in lines[-1], (name, lines[-1])
+    # the one line is the whole report (a tool's INFO log or Lightning's "Seed set" may precede it)
+    assert [ln for ln in lines if ln.startswith("egm ") or ln.startswith(" ")] == lines[-1:], r.stderr[-3000:]
+
+
+def test_every_command_has_a_user_error_case():
+    assert {c.split()[0] for c, _, _ in USER_ERRORS} == set(cli.LIGHTNING_COMMANDS) | set(cli.TOOL_COMMANDS)
+
+
+@pytest.mark.parametrize("line,rc,names", USER_ERRORS, ids=[f"{c.split()[0]}-{i}" for i, (c, _, _) in enumerate(USER_ERRORS)])
+def test_user_error_is_one_line_naming_file_or_field(bad_inputs, line, rc, names):
+    T = str(bad_inputs)
+    r = _egm_in(bad_inputs, *shlex.split(line.format(T=T, SFT=SFT)))
+    _assert_one_line_error(r, line.split()[0], rc, [n.format(T=T) for n in names])
+
+
+def test_truncated_weights_are_named(tiny_dirs, tmp_path):
+    """An interrupted copy: safetensors alone says "incomplete metadata, file not fully covered"."""
+    import shutil
+
+    ck = shutil.copytree(tiny_dirs["qwen3_vl"], tmp_path / "ck")
+    weights = ck / "model.safetensors"
+    with open(weights, "r+b") as fh:
+        fh.truncate(weights.stat().st_size // 2)
+    (tmp_path / "m.jsonl").write_text("")
+    r = _egm_in(tmp_path, "evaluate", "--checkpoint", str(ck), "--manifests", f"{{val: {tmp_path / 'm.jsonl'}}}",
+                "--out_dir", str(tmp_path / "o"))
+    _assert_one_line_error(r, "evaluate", 1, [f"{weights}: unreadable weights", "file not fully covered"])
+
+
+def test_egm_debug_shows_the_traceback(bad_inputs):
+    line = ["make-synthetic", "--out_dir", str(bad_inputs / "s"), "--difficulties", "[nope]"]
+    r = _egm_in(bad_inputs, *line, env={"EGM_DEBUG": "1"})
+    assert r.returncode == 1 and "Traceback" in r.stderr and "egm.errors.InputError: unknown difficulties" in r.stderr
+
+
+def _tool_raising(monkeypatch, exc):
+    def broken_tool() -> None:
+        raise exc
+
+    monkeypatch.setitem(cli.TOOL_COMMANDS, "broken", ("m:broken_tool", "test"))
+    monkeypatch.setattr(cli, "_resolve", lambda target: broken_tool)
+
+
+@pytest.mark.parametrize("exc", [ValueError("not enough values to unpack"), TypeError("bad operand"),
+                                 KeyError("x"), RuntimeError("wrapped") ])
+def test_a_bug_keeps_its_traceback(monkeypatch, exc):
+    """A plain ValueError, TypeError, ... is a bug: it propagates (Python prints the traceback)."""
+    _tool_raising(monkeypatch, exc)
+    with pytest.raises(type(exc)):
+        cli.main(["broken"])
+
+
+def test_a_user_error_wrapped_by_a_library_is_found(monkeypatch, capsys):
+    """jsonargparse raises its Union error *from* the __init__'s error: the cause is reported."""
+    from egm.errors import InputError
+
+    try:
+        try:
+            raise InputError("SFTModule: lr must be > 0, got -1")
+        except InputError as e:
+            raise ValueError("Does not validate against any of the Union subtypes\nSubtypes: [...]") from e
+    except ValueError as wrapped:
+        _tool_raising(monkeypatch, wrapped)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["broken"])
+    assert e.value.code == 1
+    assert capsys.readouterr().err == "egm broken: error: SFTModule: lr must be > 0, got -1\n"
+
+
+def test_a_bug_in_an_error_handler_is_not_taken_for_the_user_error(monkeypatch):
+    """Implicit context (raised while handling a FileNotFoundError) is not a cause: a bug."""
+    try:
+        try:
+            raise FileNotFoundError("x.json")
+        except FileNotFoundError:
+            raise TypeError("bug in the handler")  # noqa: B904
+    except TypeError as bug:
+        _tool_raising(monkeypatch, bug)
+    with pytest.raises(TypeError):
+        cli.main(["broken"])
+
+
+def test_a_parse_error_of_fit_names_the_key(capsys):
+    """jsonargparse raises (exit_on_error=False) instead of printing its ~100-line usage: the key
+    from the first line of its message, the reason from the end of its chain of causes."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["fit", "--config", SFT, "--trainer.max_steps", "abc"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "egm fit: error: Parser key \"trainer.max_steps\": Expected a <class 'int'>. Got value: abc\n"

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "egm"
 
 # Lowest first. A module may import its own layer (acyclically) and any layer below.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("egm", "egm.boxes", "egm.answers", "egm.geometry")),
+    ("base", ("egm", "egm.boxes", "egm.answers", "egm.geometry", "egm.errors")),
     ("records", ("egm.scoring", "egm.reward", "egm.optim", "egm.config_checks", "egm.strategies", "egm.compat",
                  "egm.timing")),
     ("data+models", ("egm.data", "egm.models")),

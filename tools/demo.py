@@ -31,6 +31,7 @@ import numpy as np
 
 from egm.boxes import iou_batch
 from egm.data.manifest import Sample
+from egm.errors import InputError
 from egm.eval.metrics import paired_comparison
 from egm.eval.report import pct  # one rounding (half up) for every table
 
@@ -75,7 +76,7 @@ def _set_threads(threads: int) -> None:
     import torch
 
     if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
+        raise InputError(f"threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
 
 

@@ -41,6 +41,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 
 from egm.curation.draw import Overlay, load_and_draw, to_data_url
 from egm.data.manifest import Sample
+from egm.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def redact(text: str, secret: str | None) -> str:
 
 def _secret_from_cli(value: Any) -> Secret:
     if value == Secret.MASK:
-        raise ValueError("refusing the mask as an API key: give the key itself, or set EGM_TEACHER_API_KEY")
+        raise InputError("refusing the mask as an API key: give the key itself, or set EGM_TEACHER_API_KEY")
     return Secret(value)
 
 
@@ -168,9 +169,9 @@ class TeacherConfig:
             api_key=self.api_key or env.get("EGM_TEACHER_API_KEY") or env.get("OPENAI_API_KEY"),
         )
         if not cfg.model:
-            raise ValueError("teacher.model is not set (config or EGM_TEACHER_MODEL)")
+            raise InputError("teacher.model is not set (config or EGM_TEACHER_MODEL)")
         if not cfg.api_key:
-            raise ValueError("teacher.api_key is not set (config, EGM_TEACHER_API_KEY or OPENAI_API_KEY)")
+            raise InputError("teacher.api_key is not set (config, EGM_TEACHER_API_KEY or OPENAI_API_KEY)")
         bad = [f"{k} {req} (got {getattr(cfg, k)!r})" for k, req, ok in (
             ("max_attempts", ">= 1", cfg.max_attempts >= 1), ("timeout", "> 0", cfg.timeout > 0),
             ("backoff_initial", ">= 0", cfg.backoff_initial >= 0), ("backoff_max", ">= 0", cfg.backoff_max >= 0),
@@ -179,9 +180,9 @@ class TeacherConfig:
             ("price_output_per_1m", ">= 0", cfg.price_output_per_1m >= 0),
         ) if not ok]
         if bad:  # name the keys only: never the whole config, which holds the key
-            raise ValueError("teacher: need " + ", ".join(f"teacher.{b}" for b in bad))
+            raise InputError("teacher: need " + ", ".join(f"teacher.{b}" for b in bad))
         if cfg.image_format.lower() not in ("png", "jpeg", "jpg"):
-            raise ValueError(f"teacher.image_format must be png or jpeg, got {cfg.image_format!r}")
+            raise InputError(f"teacher.image_format must be png or jpeg, got {cfg.image_format!r}")
         return cfg
 
 

@@ -46,6 +46,7 @@ from egm.curation.prompts import (
     format_box,
 )
 from egm.data.manifest import Sample, read_manifest, write_manifest
+from egm.errors import InputError
 from egm.geometry import expansion, to_rel999
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def run_requests(
     (a bug, Ctrl-C) cancels what has not started and propagates once the in-flight requests end.
     """
     if concurrency < 1:
-        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        raise InputError(f"concurrency must be >= 1, got {concurrency}")
     meter = meter if meter is not None else UsageMeter()
     out: dict[str, Reply | TeacherError] = {}
     todo: list[tuple[TeacherRequest, str]] = []
@@ -346,7 +347,7 @@ def make_teacher(config: TeacherConfig, teacher_class: str | None = None) -> Tea
     if teacher_class:
         module, _, attr = teacher_class.partition(":")
         if not attr:
-            raise ValueError(f"teacher_class must be 'module:callable', got {teacher_class!r}")
+            raise InputError(f"teacher_class must be 'module:callable', got {teacher_class!r}")
         teacher = getattr(importlib.import_module(module), attr)()
     else:
         teacher = OpenAITeacher(config)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from egm.data.manifest import Sample, read_manifest, write_manifest
+from egm.errors import InputError
 from egm.eval.predictions import read_predictions
 from egm.scoring import Prediction
 
@@ -129,7 +130,7 @@ def select_rl_data(
     samples = read_manifest(manifest)
     res = select_by_learnability(samples, read_predictions(reference), read_predictions(learner), seed=seed)
     if strict and (res.missing_reference or res.missing_learner):
-        raise ValueError(
+        raise InputError(
             f"{len(res.missing_reference)} samples of {manifest} lack a prediction in {reference}, "
             f"{len(res.missing_learner)} in {learner} (first: {(res.missing_reference + res.missing_learner)[:5]})"
         )

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from egm.config_checks import DATAMODULE_RULES, check_ranges
 from egm.data.manifest import Sample, read_manifest
+from egm.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def mix_counts(num_samples: int, weights: Sequence[float]) -> list[int]:
     """Split ``num_samples`` over sources in proportion to ``weights`` (largest remainder)."""
     w = np.asarray(weights, dtype=np.float64)
     if len(w) == 0 or (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
-        raise ValueError(f"mixing weights must be non-negative with a positive sum, got {list(weights)}")
+        raise InputError(f"mixing weights must be non-negative with a positive sum, got {list(weights)}")
     exact = num_samples * w / w.sum()
     counts = np.floor(exact).astype(int)
     rest = num_samples - counts.sum()
@@ -101,9 +102,9 @@ class WeightedMixSampler(Sampler[int]):
         self.sizes = [int(n) for n in sizes]
         self.weights = list(weights) if weights is not None else [float(n) for n in self.sizes]
         if len(self.weights) != len(self.sizes):
-            raise ValueError(f"{len(self.weights)} weights for {len(self.sizes)} train sources")
+            raise InputError(f"{len(self.weights)} weights for {len(self.sizes)} train sources")
         if any(n == 0 and w > 0 for n, w in zip(self.sizes, self.weights)):
-            raise ValueError(f"a train source with positive weight is empty (sizes {self.sizes})")
+            raise InputError(f"a train source with positive weight is empty (sizes {self.sizes})")
         self.num_samples = sum(self.sizes) if num_samples is None else int(num_samples)
         self.counts = mix_counts(self.num_samples, self.weights)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(int).tolist()
@@ -117,7 +118,7 @@ class WeightedMixSampler(Sampler[int]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if (state.get("seed"), state.get("num_samples")) != (self.seed, self.num_samples):
-            raise ValueError(f"cannot resume the train order: checkpoint sampler has seed {state.get('seed')}, "
+            raise InputError(f"cannot resume the train order: checkpoint sampler has seed {state.get('seed')}, "
                              f"{state.get('num_samples')} samples/epoch; this run has {self.seed}, {self.num_samples}")
         self.epoch = int(state["epoch"])
 
@@ -286,7 +287,7 @@ class GroundingDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.train_paths = [train] if isinstance(train, str) else list(train or [])
         if train_weights is not None and len(train_weights) != len(self.train_paths):
-            raise ValueError(f"train_weights has {len(train_weights)} entries for {len(self.train_paths)} train manifests")
+            raise InputError(f"train_weights has {len(train_weights)} entries for {len(self.train_paths)} train manifests")
         self.train_weights = train_weights
         self.val_paths = dict(val or {})
         self.test_paths = dict(test or {})
@@ -388,7 +389,7 @@ class GroundingDataModule(L.LightningDataModule):
         if not self.train_sets:
             self.setup("fit")
         if not self.train_sets:
-            raise ValueError("GroundingDataModule: no train manifests given")
+            raise InputError("GroundingDataModule: no train manifests given")
         self._sampler = self.train_sampler()
         return ResumableDataLoader(
             self._dataset_concat(), batch_size=self.batch_size, sampler=self._sampler,

@@ -21,6 +21,8 @@ def import_annotations(
     ``descriptions``: a file of curated referring expressions (:func:`load_descriptions`) or None.
     """
     counts: Counter = Counter()
+    if options.get("image_dir") is not None:  # a manifest resolves a relative image path against its own folder
+        options["image_dir"] = os.path.abspath(options["image_dir"])
     samples = to_samples(read_json(annotation_json), descriptions=load_descriptions(descriptions),
                          path=annotation_json, counts=counts, **options)
     write_manifest(out, samples)

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from egm.config_checks import finite_number
+from egm.errors import InputError
 
 TASKS = ("vanilla", "amodal")
 _REQUIRED = ("id", "image", "width", "height", "sentence", "task", "box", "split", "source")
@@ -67,7 +68,7 @@ MAX_IMAGE_SIDE = 1 << 16
 AMODAL_MAX_OUTSIDE = 1.0
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A manifest line failed validation; the message names file, line and field."""
 
     def __init__(self, path: str | os.PathLike | None, line: int | None, field_name: str | None, msg: str,

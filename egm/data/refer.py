@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from egm.data.manifest import ManifestError, Sample, finite_number, images_by_id, read_json, write_manifest
+from egm.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -206,14 +207,21 @@ def import_refer(
     ``datasets`` are ``"dataset/splitBy"`` strings (default: refcoco/unc, refcoco+/unc,
     refcocog/umd); a dataset whose files are absent is skipped with a message. When all three
     standard datasets were imported, the eight eval splits are checked against their real sizes
-    (``check_sizes``) and any mismatch raises :class:`ValueError` listing every difference.
+    (``check_sizes``) and any mismatch raises :class:`ValueError` listing every difference; finding
+    none of ``datasets`` raises :class:`FileNotFoundError`.
     Returns ``{split: manifest_path}``.
     """
+    # absolute: a manifest resolves a relative image path against its own folder, not the cwd
+    data_root, image_dir = os.path.abspath(data_root), image_dir and os.path.abspath(image_dir)
     pairs = [tuple(d.split("/")) for d in datasets] if datasets else list(STANDARD_DATASETS)
     by_split: dict[str, list[Sample]] = defaultdict(list)
+    present = [(d, b) for d, b in pairs if (Path(data_root) / d / f"refs({b}).p").is_file()]
+    if not present:  # skipping every dataset is a wrong data_root, not a successful import
+        raise FileNotFoundError(f"no REFER dataset under {data_root}: none of "
+                                + ", ".join(f"{d}/refs({b}).p" for d, b in pairs) + " exists")
     imported = []
     for dataset, split_by in pairs:
-        if not (Path(data_root) / dataset / f"refs({split_by}).p").is_file():
+        if (dataset, split_by) not in present:
             log.warning("import_refer: skip %s/%s: refs(%s).p not found under %s", dataset, split_by, split_by, data_root)
             continue
         for s in load_refer(data_root, dataset, split_by, image_dir):
@@ -227,5 +235,5 @@ def import_refer(
     if check_sizes and set(STANDARD_DATASETS) <= set(imported):
         problems = check_split_sizes(split_counts([s for v in by_split.values() for s in v]))
         if problems:
-            raise ValueError("REFER split sizes differ from the standard benchmark:\n  " + "\n  ".join(problems))
+            raise InputError("REFER split sizes differ from the standard benchmark:\n  " + "\n  ".join(problems))
     return out

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from egm.errors import InputError
 from egm.eval.plots import new_figure, save_png_svg
 from egm.eval.report import pct
 from egm.eval.runner import GenerateFn, GenerationOutput, evaluate
@@ -45,10 +46,10 @@ def check_budgets(reasoning_budget: int | Sequence[int]) -> list[int]:
     """One budget or a sweep -> a sorted list of distinct non-negative ints (fails at the edge)."""
     budgets = [reasoning_budget] if isinstance(reasoning_budget, int) else list(reasoning_budget)
     if not budgets:
-        raise ValueError("reasoning_budget: give one budget or a non-empty list, e.g. [0, 16, 32, 64]")
+        raise InputError("reasoning_budget: give one budget or a non-empty list, e.g. [0, 16, 32, 64]")
     bad = [b for b in budgets if not isinstance(b, int) or isinstance(b, bool) or b < 0]
     if bad:
-        raise ValueError(f"reasoning_budget: budgets are token counts >= 0, got {bad}")
+        raise InputError(f"reasoning_budget: budgets are token counts >= 0, got {bad}")
     return sorted(set(budgets))
 
 

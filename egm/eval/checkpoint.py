@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from egm.compat import model_from_config
+from egm.errors import InputError
 from egm.eval.budget import budget_generate_fn, budget_sweep, budget_table, check_budgets
 from egm.eval.latency import cpu_name
 from egm.eval.report import results_summary
@@ -109,9 +110,9 @@ def evaluate_checkpoint(
         max_patches: InternVL tile cap (``None``: the checkpoint's processor).
     """
     if family not in ADAPTERS:
-        raise ValueError(f"family must be one of {sorted(ADAPTERS)}, got {family!r}")
+        raise InputError(f"family must be one of {sorted(ADAPTERS)}, got {family!r}")
     if engine not in ("hf", "vllm"):
-        raise ValueError(f"engine must be 'hf' or 'vllm', got {engine!r}")
+        raise InputError(f"engine must be 'hf' or 'vllm', got {engine!r}")
     device, torch_dtype = resolve_device(device, torch_dtype)
     resolution = {"max_pixels": max_pixels} if family == "qwen3_vl" else {"max_patches": max_patches}
     if (max_pixels if family != "qwen3_vl" else max_patches) is not None:

@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from egm.errors import InputError
+
 T = TypeVar("T")
 Clock = Callable[[], float]
 
@@ -37,7 +39,7 @@ def latency_subset(ids: Sequence[str], fraction: float = 0.1, seed: int = 0, key
     The result keeps that sorted order. ``round(fraction * n)`` ids are drawn.
     """
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"latency fraction must be in (0, 1], got {fraction}")
+        raise InputError(f"latency fraction must be in (0, 1], got {fraction}")
     ordered = sorted(set(ids))
     if not ordered:
         return []
@@ -78,7 +80,7 @@ def latency_stats(latencies_ms: Sequence[float], tokens: Sequence[int | None] | 
     Returns None for an empty input.
     """
     if num_gpus < 1:
-        raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
+        raise InputError(f"num_gpus must be >= 1, got {num_gpus}")
     lat = np.asarray(latencies_ms, dtype=np.float64)
     if lat.size == 0:
         return None

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from egm.errors import InputError
 from egm.eval.benchmarks import (
     AMODAL_COLUMN, AVG_COLUMN, MODEL_COLUMN, REFCOCO_SPLITS, canonical_split, table3_columns, table4_columns,
 )
@@ -40,10 +41,10 @@ def load_results(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
         try:
             r = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{p}: cannot read results: {e}") from None
+            raise InputError(f"{p}: cannot read results: {e}") from None
         for key in ("model", "splits"):
             if key not in r:
-                raise ValueError(f"{p}: field '{key}' missing")
+                raise InputError(f"{p}: field '{key}' missing")
         r["splits"] = {canonical_split(k): v for k, v in r["splits"].items()}
         out.append(r)
     return out

@@ -39,6 +39,7 @@ from PIL import Image
 
 from egm.answers import parse_answer
 from egm.data.manifest import Sample, read_manifest
+from egm.errors import InputError
 from egm.eval.benchmarks import canonical_split, refcoco_splits_in
 from egm.eval.latency import Clock, latency_stats, latency_subset, timed_call
 from egm.eval.metrics import split_metrics, summarize
@@ -111,7 +112,7 @@ def resolve_splits(splits: Mapping[str, Sequence[Sample] | str | os.PathLike]) -
         samples = read_manifest(src) if isinstance(src, (str, os.PathLike)) else list(src)
         ids = [s.id for s in samples]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"split {name!r}: duplicate sample ids")
+            raise InputError(f"split {name!r}: duplicate sample ids")
         out[canonical_split(name)] = samples
     return out
 
@@ -138,7 +139,7 @@ def predict_split(
 ) -> list[dict[str, Any]]:
     """Append one prediction record per sample not yet in ``path``; returns all records of the split."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     with JsonlAppender(path, retry=is_image_error) as store:
         todo = [s for s in samples if s.id not in store.done_ids]
         log.info("%s: %d done, %d to go (%d image errors retried)", split, len(samples) - len(todo), len(todo),

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from egm.errors import InputError
 from egm.generation.hf import hf_generate
 from egm.generation.rollout import encode_prompts
 from egm.generation.sampling import TABLE7_INFERENCE, SamplingParams
@@ -94,9 +95,9 @@ class BudgetPlan:
     def of(cls, adapter: GroundingAdapter, budget: int, sampling: SamplingParams,
            answer_tokens: int = DEFAULT_ANSWER_TOKENS) -> BudgetPlan:
         if budget < 0:
-            raise ValueError(f"reasoning_budget must be >= 0, got {budget}")
+            raise InputError(f"reasoning_budget must be >= 0, got {budget}")
         if answer_tokens < 1:
-            raise ValueError(f"answer_tokens must be >= 1, got {answer_tokens}")
+            raise InputError(f"answer_tokens must be >= 1, got {answer_tokens}")
         lay, tok = reasoning_layout(adapter), adapter.tokenizer
         close = tok(lay.close, add_special_tokens=False)["input_ids"]
         if len(close) != 1:

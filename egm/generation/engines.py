@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from egm.errors import InputError
 from egm.generation.hf import HFEngine
 from egm.generation.rollout import RolloutEngine
 from egm.generation.vllm import VLLMEngine, VLLMSettings
@@ -23,4 +24,4 @@ def build_engine(kind: Literal["hf", "vllm"], adapter: GroundingAdapter, model: 
     if kind == "vllm":
         return VLLMEngine(adapter, **asdict(vllm or VLLMSettings()), rank=rank, local_rank=local_rank,
                           world_size=world_size)
-    raise ValueError(f"engine must be 'hf' or 'vllm', got {kind!r}")
+    raise InputError(f"engine must be 'hf' or 'vllm', got {kind!r}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from egm.errors import InputError
+
 
 @dataclass
 class SamplingParams:
@@ -24,13 +26,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disabled) or positive, got {self.top_k}")
+            raise InputError(f"top_k must be -1 (disabled) or positive, got {self.top_k}")
         if self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+            raise InputError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
 
     @property
     def greedy(self) -> bool:

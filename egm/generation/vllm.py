@@ -39,9 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from egm.errors import InputError
 from egm.generation.rollout import Rollout, RolloutEngine, encode_prompts, placeholder_token_ids, responses_from_rows
 from egm.generation.sampling import SamplingParams
-from egm.models.base import GroundingAdapter
+from egm.models.base import GroundingAdapter, check_weights
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class VLLMEngine(RolloutEngine):
         world_size: int = 1,
     ):
         if sleep_level not in (1, 2):
-            raise ValueError(f"vllm.sleep_level must be 1 or 2, got {sleep_level}")
+            raise InputError(f"vllm.sleep_level must be 1 or 2, got {sleep_level}")
         # colocated: the engine core runs in this process, so weights pass as tensors, not pickles
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=%s overridden to 0: a colocated engine pushes "
@@ -229,6 +230,7 @@ class VLLMEngine(RolloutEngine):
         from transformers import AutoConfig
 
         self.forbidden = placeholder_token_ids(AutoConfig.from_pretrained(kwargs["model"]))
+        check_weights(kwargs["model"])  # a truncated file named here, not deep in vLLM's loader
         self.llm = vllm.LLM(**kwargs)
         self._weights_loaded = True
         if self.enable_sleep_mode:

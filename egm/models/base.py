@@ -52,6 +52,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from egm.answers import ParsedAnswer, parse_answer
 from egm.config_checks import ADAPTER_RULES, check_checkpoint_path, check_ranges
+from egm.errors import InputError
 from egm.models.prompts import task_prompt
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class GroundingAdapter:
         check_checkpoint_path(str(pretrained_model_name_or_path))  # a missing local folder: now, by name
         self.pretrained_model_name_or_path = str(pretrained_model_name_or_path)
         if not isinstance(getattr(torch, torch_dtype, None), torch.dtype):
-            raise ValueError(f"torch_dtype must name a torch dtype (float32, bfloat16, ...), got {torch_dtype!r}")
+            raise InputError(f"torch_dtype must name a torch dtype (float32, bfloat16, ...), got {torch_dtype!r}")
         self.torch_dtype = torch_dtype
         self.attn_implementation = attn_implementation
         self.lora = lora
@@ -315,6 +316,7 @@ class GroundingAdapter:
     # -- model ---------------------------------------------------------------------------------
     def load_model(self) -> torch.nn.Module:
         """A fresh model (call twice for a policy and a frozen reference)."""
+        check_weights(self.pretrained_model_name_or_path)
         cls = getattr(transformers, self.model_class)
         model = cls.from_pretrained(self.pretrained_model_name_or_path, dtype=getattr(torch, self.torch_dtype),
                                     attn_implementation=self.attn_implementation)
@@ -354,6 +356,30 @@ class GroundingAdapter:
         # preprocessor_config.json keeps the folder readable by loaders that look for it.
         self.processor.image_processor.save_pretrained(path)
         return path
+
+
+def check_weights(name_or_path: str | Path) -> None:
+    """Raise :class:`~egm.errors.InputError` naming the first unreadable ``*.safetensors`` file of a
+    local checkpoint folder (a hub id or a file path passes).
+
+    An interrupted copy leaves a truncated file, and safetensors then says only ``incomplete
+    metadata, file not fully covered``, naming no file. Opening a file reads just its header and
+    checks that the tensors it lists cover the file exactly, so this costs milliseconds even for
+    multi-GB shards. Every loader of a checkpoint folder calls this first (:meth:`GroundingAdapter.load_model`,
+    the vLLM engine).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        return
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(f, framework="pt"):
+                pass
+        except SafetensorError as e:
+            raise InputError(f"{f}: unreadable weights ({e}): an interrupted copy or download "
+                             f"leaves a truncated file; copy it again") from e
 
 
 _DROPOUT_NAMES = ("dropout", "drop_path", "drop_prob")

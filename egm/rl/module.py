@@ -44,6 +44,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from egm.config_checks import GRPO_RULES, check_ranges
+from egm.errors import InputError
 from egm.generation.engines import build_engine
 from egm.generation.rollout import Rollout, RolloutEngine
 from egm.generation.sampling import TABLE5_ROLLOUT, SamplingParams
@@ -53,7 +54,8 @@ from egm.optim import build_optimizer
 from egm.reward import reward_from_texts
 from egm.rl.dynamic import dynamic_sampling as dapo_dynamic_sampling
 from egm.rl.grpo import Agg, group_advantages, grpo_loss, sampled_token_entropy
-from egm.rl.ppo import ppo_updates, token_logprobs
+from egm.models.head import DEFAULT_CHUNK_TOKENS
+from egm.rl.ppo import ppo_updates, token_logprobs, token_micro_batches
 from egm.strategies import begin_micro_batch
 from egm.timing import PhaseClock
 from egm.validation import GroundingEvalHooks, GroundingValidation
@@ -103,6 +105,13 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         micro_batch_size: responses per forward/backward (gradient accumulation inside a step; memory
             only, the loss is normalised by the mini-batch's global token count). Table 5's "per
             device train batch size 32" is verl's ``ppo_micro_batch_size_per_gpu``, this knob.
+        micro_batch_tokens: instead of ``micro_batch_size``, micro-batches of at most this many
+            padded (prompt + response) tokens, responses sorted by length
+            (:func:`egm.rl.ppo.token_micro_batches`; verl's ``use_dynamic_bsz`` +
+            ``ppo_max_token_len_per_gpu``). Also used by the old/reference log-prob passes.
+        logprob_chunk_tokens: response tokens per chunk of the vocabulary projection
+            (:mod:`egm.models.head`): the head's peak memory is about three float32
+            ``chunk x V`` buffers, whatever the micro-batch.
         max_grad_norm: gradient clipping (``None``: off; DeepSpeed clips through its own config).
         engine: ``"hf"`` (``model.generate``) or ``"vllm"`` (colocated, GPU).
         rollout_batch_size: responses per HF ``generate`` call (``None``: all at once).
@@ -136,6 +145,8 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         ppo_epochs: int = 1,
         mini_batch_size: int | None = None,
         micro_batch_size: int = 8,
+        micro_batch_tokens: int | None = None,
+        logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         max_grad_norm: float | None = 1.0,
         engine: Literal["hf", "vllm"] = "hf",
         rollout_batch_size: int | None = None,
@@ -152,17 +163,17 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         rollout, val_sampling = _sampling(rollout), _sampling(val_sampling)  # a YAML mapping also works
         vllm = VLLMSettings(**vllm) if isinstance(vllm, dict) else vllm
         if n_samples < 2:
-            raise ValueError(f"n_samples must be >= 2 (group-relative advantages), got {n_samples}")
+            raise InputError(f"n_samples must be >= 2 (group-relative advantages), got {n_samples}")
         if ppo_epochs < 1 or micro_batch_size < 1 or (mini_batch_size is not None and mini_batch_size < 1):
-            raise ValueError("ppo_epochs, micro_batch_size and mini_batch_size must be >= 1")
+            raise InputError("ppo_epochs, micro_batch_size and mini_batch_size must be >= 1")
         if rollout.greedy:
-            raise ValueError("rollout.temperature must be > 0: GRPO needs different samples per group")
+            raise InputError("rollout.temperature must be > 0: GRPO needs different samples per group")
         if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+            raise InputError(f"weight_decay must be >= 0, got {weight_decay}")
         if lr_schedule not in ("per_step", "verl"):
-            raise ValueError(f"lr_schedule must be 'per_step' or 'verl', got {lr_schedule!r}")
+            raise InputError(f"lr_schedule must be 'per_step' or 'verl', got {lr_schedule!r}")
         if max_refill_rounds < 0:
-            raise ValueError(f"max_refill_rounds must be >= 0, got {max_refill_rounds}")
+            raise InputError(f"max_refill_rounds must be >= 0, got {max_refill_rounds}")
         self.save_hyperparameters(ignore=["adapter"])
         self.hparams["rollout"] = rollout  # the resolved settings, also when the family default applied
         self.automatic_optimization = False
@@ -220,8 +231,16 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
     # -- log-probs -------------------------------------------------------------------------
     def _forward_logp(self, model, ro: Rollout, idx, with_entropy=False, entropy_grad=False):
         inputs, comp, mask = ro.model_inputs(self.adapter, idx, self.device)
-        logp, ent = token_logprobs(model, inputs, comp, self.rollout.temperature, with_entropy, entropy_grad)
+        logp, ent = token_logprobs(model, inputs, comp, self.rollout.temperature, with_entropy, entropy_grad,
+                                   completion_mask=mask, chunk_tokens=self.hparams.logprob_chunk_tokens)
         return logp, ent, comp, mask
+
+    def micro_batches(self, ro: Rollout, idx: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The responses ``idx`` (default: all) in micro-batches: by count, or by tokens."""
+        idx = torch.arange(len(ro)) if idx is None else idx
+        if self.hparams.micro_batch_tokens is None:
+            return list(idx.split(self.hparams.micro_batch_size))
+        return token_micro_batches(idx, ro.sequence_lengths, self.hparams.micro_batch_tokens)
 
     @torch.no_grad()
     def score(self, ro: Rollout, reference: bool = False) -> torch.Tensor:
@@ -234,7 +253,7 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
             else:  # LoRA: the base model is the initial policy
                 ctx = self.model.disable_adapter()
         with ctx:
-            for idx in torch.arange(len(ro)).split(self.hparams.micro_batch_size):
+            for idx in self.micro_batches(ro):
                 logp, _, comp, _ = self._forward_logp(model, ro, idx)
                 out[idx.to(self.device), :comp.shape[1]] = logp
         return out
@@ -358,7 +377,8 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
                            backward=self.manual_backward, optimizer_step=optimizer_step, epochs=h.ppo_epochs,
                            agg=h.agg, seed=self.rollout_seed(),
                            begin_micro_batch=lambda last: begin_micro_batch(self._trainer, last),
-                           reduce_sum=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), world=world)
+                           reduce_sum=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), world=world,
+                           lengths=ro.sequence_lengths, micro_tokens=h.micro_batch_tokens)
 
 
 def _sampling(p: SamplingParams | dict) -> SamplingParams:
@@ -368,7 +388,7 @@ def _sampling(p: SamplingParams | dict) -> SamplingParams:
 def table5_rollout(family: str) -> SamplingParams:
     """Table 5's rollout column for ``family``, with a warning: recipes should state their rollout."""
     if family not in TABLE5_ROLLOUT:
-        raise ValueError(f"model.rollout is not set and Table 5 has no rollout column for family {family!r}; "
+        raise InputError(f"model.rollout is not set and Table 5 has no rollout column for family {family!r}; "
                          f"set model.init_args.rollout (families with defaults: {sorted(TABLE5_ROLLOUT)})")
     p = dataclasses.replace(TABLE5_ROLLOUT[family])  # a copy: the table is shared
     warnings.warn(f"model.rollout is not set: using Table 5's {family} rollout column {p}; state it in the "

@@ -2,7 +2,8 @@
 
 :func:`ppo_updates` runs ``epochs`` passes over the batch's ``B`` responses in mini-batches of
 ``mini`` responses; each mini-batch is one optimiser step, its gradient accumulated over
-micro-batches of ``micro`` responses (memory only). Every micro-batch loss is divided by the
+micro-batches of ``micro`` responses, or of at most ``micro_tokens`` padded tokens
+(:func:`token_micro_batches`; memory only). Every micro-batch loss is divided by the
 *mini-batch's* normaliser (:func:`global_normalizer`: its token count, or sequence count, summed
 over all ranks and divided by the world size, since DDP/DeepSpeed then average the ranks'
 gradients), so the accumulated gradient equals that of the whole global mini-batch at once,
@@ -30,33 +31,57 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from egm.rl.grpo import Agg, entropy_from_logits
+from egm.models.head import DEFAULT_CHUNK_TOKENS, completion_logprobs
+from egm.rl.grpo import Agg
 
 Forward = Callable[[Tensor], tuple[Tensor, Tensor | None, Tensor]]
 Loss = Callable[..., tuple[Tensor, dict[str, Tensor]]]
 
 
 def token_logprobs(model: torch.nn.Module, inputs: Mapping[str, Tensor], completion_ids: Tensor,
-                   temperature: float = 1.0, with_entropy: bool = False,
-                   entropy_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+                   temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = True,
+                   completion_mask: Tensor | None = None,
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[Tensor, Tensor | None]:
     """Log-probs ``(b, t)`` of ``completion_ids`` under ``model`` (and exact entropies ``(b, t)``).
 
     Logits are divided by the rollout temperature, as verl and TRL do, so that the recomputed
-    distribution is the one responses were sampled from. Only the last ``t + 1`` positions are
-    projected to the vocabulary (``logits_to_keep``). ``entropy_grad=False`` computes the
-    entropy outside the autograd graph (logged only, when the entropy weight gamma is 0).
+    distribution is the one responses were sampled from. The vocabulary projection runs in chunks
+    of ``chunk_tokens`` response tokens, only where ``completion_mask`` is set (0 elsewhere), and
+    is recomputed in backward (:func:`egm.models.head.completion_logprobs`): the full ``(b, t, V)``
+    logits never exist. ``entropy_grad=False`` computes the entropy outside the autograd graph
+    (logged only, when the entropy weight gamma is 0).
     """
-    t = completion_ids.shape[1]
-    logits = model(**inputs, logits_to_keep=t + 1).logits[:, :-1]  # (b, t, V): position k predicts token k
-    logits = logits.float()
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    ent = None
-    if with_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            ent = entropy_from_logits(logits)
-    return logp, ent
+    return completion_logprobs(model, inputs, completion_ids, completion_mask, temperature, with_entropy,
+                               entropy_grad, chunk_tokens)
+
+
+def token_micro_batches(idx: Tensor, lengths: Tensor, max_tokens: int) -> list[Tensor]:
+    """Split the responses ``idx`` into micro-batches of at most ``max_tokens`` padded tokens.
+
+    verl's ``use_dynamic_bsz`` / ``ppo_max_token_len_per_gpu``, EasyR1's ``dynamic_batching``: the
+    responses are sorted by ``lengths`` (longest first) and packed greedily while
+    ``rows x longest row <= max_tokens``, so one long response no longer sets the padded length of
+    many short ones. A response longer than ``max_tokens`` gets a micro-batch of its own. The
+    gradient does not depend on the split (every loss is divided by the mini-batch's normaliser).
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    order = idx[torch.argsort(lengths[idx], descending=True, stable=True)]
+    out: list[list[int]] = []
+    longest = 0
+    for i, n in zip(order.tolist(), lengths[order].tolist()):
+        if out and (len(out[-1]) + 1) * longest <= max_tokens:
+            out[-1].append(i)
+        else:
+            out.append([i])
+            longest = n
+    return [torch.tensor(b, dtype=idx.dtype) for b in out]
+
+
+def padding_fraction(lengths: Tensor, batches: list[Tensor]) -> float:
+    """Fraction of padded positions when each batch is padded to its longest row."""
+    padded = sum(len(b) * int(lengths[b].max()) for b in batches if len(b))
+    return 1.0 - float(sum(int(lengths[b].sum()) for b in batches)) / max(padded, 1)
 
 
 def global_normalizer(mask: Tensor, agg: Agg, reduce_sum: Callable[[Tensor], Tensor] | None = None,
@@ -91,6 +116,8 @@ def ppo_updates(
     begin_micro_batch: Callable[[bool], None] = _noop,
     reduce_sum: Callable[[Tensor], Tensor] | None = None,
     world: int = 1,
+    lengths: Tensor | None = None,
+    micro_tokens: int | None = None,
 ) -> dict[str, Any]:
     """``epochs`` x mini-batches of optimiser steps over one rollout batch (module docstring).
 
@@ -103,6 +130,9 @@ def ppo_updates(
             optimiser step (then ``old = logp.detach()``: the same numbers, no extra pass).
         ref_logp: ``(B, T)`` reference log-probs (``None`` when ``beta == 0``).
         mini, micro: responses per optimiser step / per forward-backward.
+        lengths, micro_tokens: with ``micro_tokens``, micro-batches are packed by token count
+            instead (:func:`token_micro_batches` over ``lengths``, the ``(B,)`` tokens each
+            response's forward processes) and ``micro`` is not used.
         agg: the loss aggregation, for the normaliser: tokens or sequences.
         seed: seed of the mini-batch shuffle (used when ``epochs > 1`` or ``mini < B``).
 
@@ -111,6 +141,8 @@ def ppo_updates(
         ``ppo_kl``, ``kl``/``entropy`` when computed), ``optimizer_steps``,
         ``minibatch_losses`` and the ``first_minibatch``'s metrics.
     """
+    if micro_tokens is not None and lengths is None:
+        raise ValueError("micro_tokens needs the responses' lengths")
     device = advantages.device
     gen = torch.Generator().manual_seed(seed)
     B = completion_mask.shape[0]
@@ -123,7 +155,7 @@ def ppo_updates(
         for mb in order.split(mini):
             normalizer = global_normalizer(completion_mask[mb], agg, reduce_sum, world, device)
             mb_sums: dict[str, float] = defaultdict(float)
-            micros = mb.split(micro)
+            micros = mb.split(micro) if micro_tokens is None else token_micro_batches(mb, lengths, micro_tokens)
             for i, mc in enumerate(micros):
                 begin_micro_batch(i == len(micros) - 1)
                 logp, ent, mask = forward(mc)

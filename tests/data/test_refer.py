@@ -168,3 +168,13 @@ def test_instances_with_bad_bytes_name_file_and_line(tmp_path):
     path.write_bytes(b'{"images": [\n\n\x80]}')
     with pytest.raises(ManifestError, match=r"instances.json:3: not UTF-8: byte 0x80 at column 1"):
         load_refer(tmp_path, "refcoco", "unc")
+
+
+def test_relative_image_dir_resolves_from_the_manifest(tmp_path, monkeypatch):
+    """A relative --image_dir is relative to the working directory; the manifest reader resolves a
+    relative path against the manifest's folder, so the importer writes it absolute."""
+    write_refer(tmp_path / "data" / "refer")
+    monkeypatch.chdir(tmp_path)
+    out = import_refer("data/refer", "data/refcoco", image_dir="data/coco/train2014")
+    s = read_manifest(out["refcoco_unc_train"])[0]
+    assert s.image == str(tmp_path / "data/coco/train2014/COCO_train2014_000000581857.jpg")

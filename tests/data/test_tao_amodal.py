@@ -118,3 +118,12 @@ def test_import_reads_a_bad_file_with_its_line(tmp_path):
     p.write_text('{"images": [],\n"annotations": [' + "[" * 100_000)
     with pytest.raises(ManifestError, match=r"t\.json: invalid JSON: nested too deeply"):
         import_tao_amodal(str(p), "/img", str(tmp_path / "m.jsonl"))
+
+
+def test_relative_image_dir_resolves_from_the_manifest(tmp_path, monkeypatch):
+    """As for REFER: a relative image_dir is the working directory's, written absolute."""
+    (tmp_path / "tao.json").write_text(json.dumps(tao_json()))
+    monkeypatch.chdir(tmp_path)
+    import_tao_amodal("tao.json", "frames", "out/tao.jsonl", split="tao_amodal_train")
+    s = read_manifest("out/tao.jsonl")[0]
+    assert s.image == str(tmp_path / "frames/train/ArgoVerse/seq/ring_front_center_1.jpg")

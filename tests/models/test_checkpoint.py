@@ -131,3 +131,20 @@ def test_init_seed_changes_the_weights_but_not_the_vocabulary(tmp_path):
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)
     assert all(torch.equal(wa[k], wc[k]) for k in wa)  # init_seed = seed is the default
     assert json.loads((b / "egm_tiny.json").read_text())["init_seed"] == 1
+
+
+def test_check_weights_names_the_truncated_shard(tmp_path):
+    """A sharded folder whose second shard lost its tail (an interrupted copy): that shard is named."""
+    from safetensors.torch import save_file
+
+    from egm.errors import InputError
+    from egm.models.base import check_weights
+
+    for i in (1, 2):
+        save_file({f"w{i}": torch.arange(256, dtype=torch.float32)}, str(tmp_path / f"model-0000{i}-of-00002.safetensors"))
+    check_weights(tmp_path)  # intact: passes
+    check_weights("Qwen/Qwen3-VL-2B-Thinking")  # a hub id: left to the hub
+    shard = tmp_path / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(InputError, match=rf"^{shard}: unreadable weights \(.*file not fully covered\)"):
+        check_weights(tmp_path)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from egm.rl.grpo import grpo_loss
-from egm.rl.ppo import global_normalizer, ppo_updates
+from egm.rl.ppo import global_normalizer, padding_fraction, ppo_updates, token_micro_batches
 
 B, T, D, V = 6, 5, 4, 7
 LENGTHS = torch.tensor([1, 4, 2, 5, 3, 2])
@@ -143,3 +143,38 @@ def test_global_normalizer():
     assert float(global_normalizer(mask, "seq-mean-token-mean")) == 2.0
     assert float(global_normalizer(mask, "token-mean", lambda t: t + 5.0, world=2)) == 4.0  # (3 + 5) / 2
     assert float(global_normalizer(torch.zeros(1, 3), "token-mean", lambda t: t, world=2)) == 0.5  # floor 1/world
+
+
+@pytest.mark.parametrize("budget", [1, 5, 8, 12, 100])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_token_budget_micro_batches_give_the_full_batch_gradient(agg, budget):
+    """Micro-batches packed by token count (sorted by length, any budget: one response each, a few,
+    all at once) accumulate exactly the float64 gradient of the whole mini-batch."""
+    pol = ToyPolicy(seed=11)
+    with torch.no_grad():
+        ref = pol.full()[0] + 0.1 * torch.randn(B, T, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    W0 = pol.W.detach().clone().requires_grad_(True)
+    stats, grads, flags = run(pol, mini=B, micro=1, ref=ref, agg=agg, beta=0.2, gamma=0.03,
+                              lengths=LENGTHS, micro_tokens=budget)
+    (expected,) = torch.autograd.grad(reference_loss(pol, torch.arange(B), W0, ref=ref, agg=agg, beta=0.2,
+                                                     gamma=0.03), W0)
+    torch.testing.assert_close(grads[0], expected, rtol=1e-10, atol=1e-12)
+    assert sorted(sum(pol.seen, [])) == list(range(B))  # every response once
+    assert all(len(s) * int(LENGTHS[s].max()) <= budget or len(s) == 1 for s in pol.seen)
+    assert flags[-1] and not any(flags[:-1])
+
+
+def test_token_micro_batches_pack_sorted_lengths_by_hand():
+    lengths = torch.tensor([3, 10, 2, 9, 4, 1])
+    got = [b.tolist() for b in token_micro_batches(torch.arange(6), lengths, 20)]
+    # sorted: 10 (1), 9 (3), 4 (4), 3 (0), 2 (2), 1 (5); 2 x 10 <= 20; then 4 x 4 <= 20 < 5 x 4
+    assert got == [[1, 3], [4, 0, 2, 5]]
+    assert [b.tolist() for b in token_micro_batches(torch.tensor([0, 2]), lengths, 1)] == [[0], [2]]
+    # padding: [10, 9] -> 2 x 10 = 20 positions for 19 tokens; [4, 3, 2, 1] -> 16 for 10
+    assert padding_fraction(lengths, [torch.tensor(b) for b in got]) == pytest.approx(1 - 29 / 36)
+    assert padding_fraction(lengths, [torch.arange(6)]) == pytest.approx(1 - 29 / 60)
+    with pytest.raises(ValueError, match="max_tokens"):
+        token_micro_batches(torch.arange(6), lengths, 0)
+    with pytest.raises(ValueError, match="lengths"):
+        ppo_updates(lambda i: None, None, torch.ones(2, 2), torch.zeros(2), None, None, mini=2, micro=1,
+                    backward=None, optimizer_step=None, micro_tokens=4)

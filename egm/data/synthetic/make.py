@@ -27,6 +27,7 @@ from egm.data.synthetic.expressions import sentence_of
 from egm.data.synthetic.scenes import Layout, Scene, make_scene
 from egm.data.synthetic.traces import synthetic_trace
 from egm.data.synthetic.world import DIFFICULTIES, mask_box, render
+from egm.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,11 @@ def make_synthetic(
     layout = Layout(object_scale=object_scale, max_objects=max_objects, grid=grid)
     bad = [d for d in difficulties if d not in DIFFICULTIES]
     if bad or not difficulties:
-        raise ValueError(f"unknown difficulties {bad}; expected a subset of {DIFFICULTIES}")
+        raise InputError(f"unknown difficulties {bad}; expected a subset of {DIFFICULTIES}")
     if image_size < 48:
-        raise ValueError(f"image_size must be >= 48 to fit several objects, got {image_size}")
+        raise InputError(f"image_size must be >= 48 to fit several objects, got {image_size}")
     if not 0.0 <= amodal_fraction <= 1.0:
-        raise ValueError(f"amodal_fraction must be in [0, 1], got {amodal_fraction}")
+        raise InputError(f"amodal_fraction must be in [0, 1], got {amodal_fraction}")
     out = Path(out_dir)
     config = {"version": GENERATOR_VERSION, "n_train": n_train, "n_val": n_val, "n_test": n_test, "seed": seed,
               "image_size": image_size, "difficulties": list(difficulties), "amodal_fraction": amodal_fraction,

@@ -34,6 +34,7 @@ from egm.data.synthetic.world import (
     mask_box,
     object_mask,
 )
+from egm.errors import InputError
 
 _GAP = 3  # min pixels between the squares of non-overlapping objects
 _PAD = 2  # min pixels between an object and the image border
@@ -73,11 +74,11 @@ class Layout:
 
     def __post_init__(self):
         if not 0.2 <= self.object_scale <= 2.0:
-            raise ValueError(f"object_scale must be in [0.2, 2], got {self.object_scale}")
+            raise InputError(f"object_scale must be in [0.2, 2], got {self.object_scale}")
         if not 1 <= self.max_objects <= 5:
-            raise ValueError(f"max_objects must be in [1, 5], got {self.max_objects}")
+            raise InputError(f"max_objects must be in [1, 5], got {self.max_objects}")
         if self.grid < 0:
-            raise ValueError(f"grid must be >= 0, got {self.grid}")
+            raise InputError(f"grid must be >= 0, got {self.grid}")
 
     def side(self, size: str, image_size: int) -> int:
         if self.grid:

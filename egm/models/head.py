@@ -1,0 +1,199 @@
+"""Token log-probs, entropies and cross-entropy at the real vocabulary without full logits.
+
+Why: the released checkpoints have 151,936 (Qwen3-VL) and 151,674 (InternVL3-hf) vocabulary rows.
+Projecting every response token of a micro-batch to the whole vocabulary and taking a float32
+``log_softmax`` (plus a ``softmax`` for the entropy) holds several ``(b, t, V)`` float32 tensors
+at once: 6.3x one logits tensor in the path this module replaces, about 30 GB for 8 responses of
+1,024 tokens at Qwen3-VL-2B's head. Here the trunk's last hidden states are projected in chunks
+of ``chunk_tokens`` tokens; each chunk's logits are freed as soon as its log-probs (and
+entropies) are taken and recomputed in backward (non-reentrant activation checkpointing), so the
+peak depends on the chunk size, not on ``b x t x V``. Only the positions that carry a target
+(response tokens, SFT label tokens) are projected at all.
+
+The gradient of the chunk's log-probs and entropies with respect to its logits is written out
+(:class:`_LogprobEntropy`) instead of being left to autograd through ``log_softmax`` and
+``softmax``: it needs two ``(n, V)`` float32 buffers rather than four or five.
+
+The head is *called* (``head(hidden)``), never read as a weight: under DeepSpeed ZeRO-3 its
+weight is partitioned and gathered by the module's own hooks, and LoRA on the head, tied
+embeddings and any wrapper keep working. Both recomputation and the chunks stay inside one
+autograd graph, so every parameter's gradient is accumulated once per backward (what ZeRO-2/3's
+gradient hooks expect).
+
+Peers: verl's ``entropy_from_logits_with_chunking`` / ``use_fused_kernels``, OpenRLHF's chunked
+logsumexp, Liger-kernel's fused linear losses (Triton, GPU only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+# 512 tokens x 151,936 rows x 4 bytes = 0.31 GB per float32 buffer; a chunk's backward holds
+# about three of them (logits, probabilities, their gradient). tools/bench_logprobs.py measures it.
+DEFAULT_CHUNK_TOKENS = 512
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32 (bf16/fp16 logits are upcast as the plain path does; float64 stays)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _scaled(z: Tensor, temperature: float) -> Tensor:
+    """A fresh float32 (or float64) copy of ``z / temperature``, safe to modify in place."""
+    out = z.to(_compute_dtype(z.dtype), copy=True)
+    if temperature > 0 and temperature != 1.0:
+        out.div_(temperature)
+    return out
+
+
+class _LogprobEntropy(torch.autograd.Function):
+    """``z (n, V) -> (logp (n,), entropy (n,))`` of ``softmax(z / T)``, with the gradient written out:
+
+    d logp_k / d z_j = ([j = k] - p_j) / T,    d H / d z_j = -p_j (log p_j + H) / T.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, targets: Tensor, temperature: float, with_entropy: bool):
+        s = _scaled(z, temperature)
+        lse = torch.logsumexp(s, dim=-1)
+        logp = s.gather(-1, targets[:, None]).squeeze(-1) - lse
+        ent = None
+        if with_entropy:
+            s.sub_(lse[:, None])  # log p
+            ent = -(s.exp().mul_(s)).sum(-1)
+        ctx.temperature, ctx.with_entropy = temperature, with_entropy
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(z, targets, lse, ent if ent is not None else lse.new_empty(0))
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp: Tensor | None, g_ent: Tensor | None):
+        z, targets, lse, ent = ctx.saved_tensors
+        s = _scaled(z, ctx.temperature).sub_(lse[:, None])  # log p, (n, V)
+        p = s.exp()
+        if ctx.with_entropy and g_ent is not None:
+            grad = s.add_(ent[:, None]).mul_(p).mul_(-g_ent[:, None])  # reuses the log p buffer
+        else:
+            grad = s.zero_()
+        if g_logp is not None:
+            grad.sub_(p.mul_(g_logp[:, None]))
+            grad.scatter_add_(-1, targets[:, None], g_logp[:, None].to(grad.dtype))
+        del p
+        if ctx.temperature > 0 and ctx.temperature != 1.0:
+            grad.div_(ctx.temperature)
+        return grad.to(z.dtype), None, None, None
+
+
+def _chunk(head: torch.nn.Module, h: Tensor, targets: Tensor, temperature: float, with_entropy: bool):
+    return _LogprobEntropy.apply(head(h), targets, temperature, with_entropy)
+
+
+def chunked_logprobs(hidden: Tensor, head: torch.nn.Module, targets: Tensor, temperature: float = 1.0,
+                     with_entropy: bool = False, entropy_grad: bool = True,
+                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[Tensor, Tensor | None]:
+    """Log-probs ``(n,)`` of ``targets`` under ``softmax(head(hidden) / temperature)``, and the exact
+    entropies ``(n,)`` when ``with_entropy``, for ``n`` flat positions ``hidden (n, H)``.
+
+    ``entropy_grad=False`` returns the entropy outside the autograd graph (logged only). Results
+    are float32 (float64 for a float64 head).
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    n = hidden.shape[0]
+    grad = torch.is_grad_enabled()
+    logps, ents = [], []
+    for s in range(0, n, chunk_tokens):
+        h, t = hidden[s:s + chunk_tokens], targets[s:s + chunk_tokens]
+        if grad:
+            lp, ent = checkpoint(_chunk, head, h, t, temperature, with_entropy, use_reentrant=False)
+        else:
+            lp, ent = _chunk(head, h, t, temperature, with_entropy)
+        logps.append(lp)
+        if with_entropy:
+            ents.append(ent if entropy_grad else ent.detach())
+    dtype = _compute_dtype(hidden.dtype if n == 0 else logps[0].dtype)
+    logp = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=dtype)
+    ent = (torch.cat(ents) if ents else hidden.new_zeros(0, dtype=dtype)) if with_entropy else None
+    return logp, ent
+
+
+def _unflatten(values: Tensor, mask: Tensor) -> Tensor:
+    """Scatter the ``(n,)`` values of the masked positions back into a zero ``(b, t)`` tensor."""
+    out = values.new_zeros(mask.shape)
+    return out.masked_scatter(mask, values)
+
+
+def masked_logprobs(hidden: Tensor, head: torch.nn.Module, targets: Tensor, mask: Tensor | None = None,
+                    temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = True,
+                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[Tensor, Tensor | None]:
+    """:func:`chunked_logprobs` over ``(b, t)`` positions: ``hidden (b, t, H)``, ``targets (b, t)``.
+
+    Only positions where ``mask`` is true are projected; the others are 0 in both outputs (the
+    loss masks them anyway). Returns ``(logp (b, t), entropy (b, t) | None)``.
+    """
+    mask = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.bool()
+    lp, ent = chunked_logprobs(hidden[mask], head, targets[mask], temperature, with_entropy, entropy_grad,
+                               chunk_tokens)
+    return _unflatten(lp, mask), None if ent is None else _unflatten(ent, mask)
+
+
+# -- the model side: hidden states from the trunk, the output head ------------------------------
+
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers ``...ForConditionalGeneration`` under a PEFT wrapper (LoRA layers stay injected)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The vocabulary projection module (``lm_head``; tied to the input embeddings where the config ties them)."""
+    head = hf_model(model).get_output_embeddings()
+    if head is None:
+        raise TypeError(f"{type(hf_model(model)).__name__} has no output embeddings (lm_head)")
+    return head
+
+
+def trunk_hidden_states(model: torch.nn.Module, inputs: Mapping[str, Tensor]) -> Tensor:
+    """Last hidden states ``(b, L, H)`` of a Qwen3-VL / InternVL ``...ForConditionalGeneration``
+    (vision tower + language model + final norm), without the vocabulary projection.
+
+    The same call the model's own ``forward`` makes before ``lm_head``; ``labels`` are dropped
+    (the loss is computed here) and no KV cache is built.
+    """
+    kwargs = {k: v for k, v in inputs.items() if k != "labels"}
+    return hf_model(model).model(**kwargs, use_cache=False)[0]
+
+
+def completion_logprobs(model: torch.nn.Module, inputs: Mapping[str, Tensor], completion_ids: Tensor,
+                        completion_mask: Tensor | None = None, temperature: float = 1.0,
+                        with_entropy: bool = False, entropy_grad: bool = True,
+                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[Tensor, Tensor | None]:
+    """Log-probs ``(b, t)`` of the completions at the end of ``inputs`` (and exact entropies).
+
+    ``inputs`` end with the ``t`` completion tokens (left-padded prompt + completion, as
+    :meth:`egm.generation.rollout.Rollout.model_inputs` builds them): the hidden state at position
+    ``L - t - 1 + k`` predicts completion token ``k``. Positions outside ``completion_mask`` are 0.
+    """
+    t = completion_ids.shape[1]
+    hidden = trunk_hidden_states(model, inputs)[:, -(t + 1):-1]  # (b, t, H)
+    return masked_logprobs(hidden, output_head(model), completion_ids, completion_mask, temperature,
+                           with_entropy, entropy_grad, chunk_tokens)
+
+
+def label_cross_entropy(model: torch.nn.Module, inputs: Mapping[str, Tensor],
+                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """The causal-LM loss of ``inputs["labels"]`` (mean over target tokens) and the target count.
+
+    The same number as the model's own ``loss`` (shifted labels, ``ignore_index`` skipped), with
+    logits computed only at the target positions, in chunks.
+    """
+    labels = inputs["labels"][:, 1:]
+    mask = labels != ignore_index
+    hidden = trunk_hidden_states(model, inputs)[:, :-1]
+    logp, _ = chunked_logprobs(hidden[mask], output_head(model), labels[mask], chunk_tokens=chunk_tokens)
+    n = mask.sum()
+    return -logp.sum() / n.clamp_min(1), n
