@@ -116,7 +116,7 @@ def evaluate_checkpoint(
     device, torch_dtype = resolve_device(device, torch_dtype)
     resolution = {"max_pixels": max_pixels} if family == "qwen3_vl" else {"max_patches": max_patches}
     if (max_pixels if family != "qwen3_vl" else max_patches) is not None:
-        raise ValueError(f"family {family!r} takes {next(iter(resolution))}, not "
+        raise InputError(f"family {family!r} takes {next(iter(resolution))}, not "
                          f"{'max_patches' if family == 'qwen3_vl' else 'max_pixels'}")
     adapter = ADAPTERS[family](checkpoint, torch_dtype=torch_dtype, **resolution)
     sampling = SamplingParams(**{**vars(TABLE7_INFERENCE), "max_new_tokens": max_new_tokens})

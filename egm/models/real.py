@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from egm.errors import InputError
 from egm.models.templates import INTERNVL3_HF_TEMPLATE, QWEN3_VL_THINKING_TEMPLATE
 
 FAMILIES = ("qwen3_vl", "internvl")
@@ -249,7 +250,7 @@ def model_config(family: str, size: str, tok):
     from transformers import InternVLConfig, Qwen3VLConfig
 
     if size not in SIZES[family]:
-        raise ValueError(f"unknown size {size!r} for {family}; expected one of {SIZES[family]}")
+        raise InputError(f"unknown size {size!r} for {family}; expected one of {SIZES[family]}")
     arch = TINY_TRUNK[family] if size == "tiny" else ARCHITECTURES[family][size]
     ids = tok.convert_tokens_to_ids
     tie = arch["tie_word_embeddings"]
@@ -299,7 +300,7 @@ def make_real(family: str, out_dir: str | Path, size: str = "tiny", seed: int = 
     from egm.compat import model_from_config
 
     if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        raise InputError(f"unknown family {family!r}; expected one of {FAMILIES}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise FileExistsError(f"{out} is not empty and is not a real-shaped EGM checkpoint; refusing to overwrite")

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from egm.errors import InputError
 from egm.models.real import PRETOKENIZE_REGEX  # Qwen2's pre-tokenizer regex (digits isolated)
 
 FAMILIES = ("qwen3_vl", "internvl")
@@ -331,10 +332,10 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0, init_seed: int | 
         from egm.models.real import make_real
 
         if dims or init_seed is not None:
-            raise ValueError(f"shape='real' takes size/seed/dtype, not {sorted(dims) or ['init_seed']}")
+            raise InputError(f"shape='real' takes size/seed/dtype, not {sorted(dims) or ['init_seed']}")
         return make_real(family, out_dir, size=size, seed=seed, dtype=dtype)
     if shape != "toy":
-        raise ValueError(f"shape must be 'toy' or 'real', got {shape!r}")
+        raise InputError(f"shape must be 'toy' or 'real', got {shape!r}")
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     unknown = set(dims) - set(default_dims())
