@@ -301,6 +301,8 @@ def make_real(family: str, out_dir: str | Path, size: str = "tiny", seed: int = 
 
     if family not in FAMILIES:
         raise InputError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if size not in SIZES[family]:
+        raise InputError(f"unknown size {size!r} for {family}; expected one of {SIZES[family]}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise FileExistsError(f"{out} is not empty and is not a real-shaped EGM checkpoint; refusing to overwrite")

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from egm.errors import InputError
-from egm.models.real import PRETOKENIZE_REGEX  # Qwen2's pre-tokenizer regex (digits isolated)
+from egm.models.real import PRETOKENIZE_REGEX, make_real  # Qwen2's pre-tokenizer regex (digits isolated)
 
 FAMILIES = ("qwen3_vl", "internvl")
 _MARKER = "egm_tiny.json"
@@ -321,16 +321,14 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0, init_seed: int | 
     ``shape="real"`` writes a real-shaped folder instead (:func:`egm.models.real.make_real`: the
     released tokenizer, added tokens, chat template and processors; ``size`` "tiny" for a
     64-wide trunk with the released 151,936 / 151,674 embedding rows, or a released size such as
-    "2B" with random weights in ``dtype``). ``shape="toy"`` (default) is the 512-token world
-    above, which the demo can learn from scratch.
+    "2B" with random weights in ``dtype``). ``shape="toy"`` (default) is the small trained
+    vocabulary above, which the demo can learn from scratch.
 
     Idempotent: the folder is built in a temporary sibling and left untouched when an existing
     one is byte-identical; a different earlier tiny build is replaced; any other non-empty
     folder is refused (we never delete something we did not write).
     """
     if shape == "real":
-        from egm.models.real import make_real
-
         if dims or init_seed is not None:
             raise InputError(f"shape='real' takes size/seed/dtype, not {sorted(dims) or ['init_seed']}")
         return make_real(family, out_dir, size=size, seed=seed, dtype=dtype)

@@ -282,3 +282,15 @@ def test_curated_samples_render_for_both_families(real_dirs, tmp_path, job, diff
             parsed = ad.parse(ad.response_prefix + body.removesuffix("<|im_end|>"), s.width, s.height)
             assert parsed.failure is None
             assert parsed.rel_box == tuple(float(v) for v in to_rel1000(s.box, s.width, s.height))
+
+
+def test_make_tiny_routes_shape_real_and_refuses_bad_shapes(tmp_path):
+    from egm.errors import InputError
+    from egm.models.tiny import make_tiny
+
+    with pytest.raises(InputError, match="shape must be 'toy' or 'real'"):
+        make_tiny("qwen3_vl", tmp_path / "a", shape="released")
+    with pytest.raises(InputError, match="shape='real' takes size/seed/dtype"):
+        make_tiny("qwen3_vl", tmp_path / "b", shape="real", text_hidden=32)
+    with pytest.raises(InputError, match="unknown size '3B' for qwen3_vl"):
+        make_tiny("qwen3_vl", tmp_path / "c", shape="real", size="3B")
