@@ -123,8 +123,8 @@ def pack_groups(model: torch.nn.Module, adapter: GroundingAdapter, ro: Rollout,
                 idx: Sequence[int] | Tensor | None = None, device: torch.device | str | None = None) -> PackedGroups:
     """Pack the responses ``idx`` of ``ro`` one row per prompt (module docstring).
 
-    Rows follow the order in which prompts first appear in ``idx``; within a row, completions
-    keep their order in ``idx``. Response lengths come from ``completion_mask`` (1s, then 0s).
+    Rows are sorted by prompt and completions within a row by response index; outputs follow
+    ``idx``. Response lengths come from ``completion_mask`` (1s, then 0s).
     """
     idx = torch.arange(len(ro)) if idx is None else torch.as_tensor(idx, dtype=torch.long).reshape(-1)
     if len(idx) == 0:
@@ -132,9 +132,11 @@ def pack_groups(model: torch.nn.Module, adapter: GroundingAdapter, ro: Rollout,
     t = max(int(ro.lengths[idx].max()), 1)
     comp, cmask = ro.completion_ids[idx, :t], ro.completion_mask[idx, :t]
     lengths = cmask.sum(1).tolist()
-    pidx = ro.prompt_index[idx].tolist()
-    rows = list(dict.fromkeys(pidx))
-    members = {j: [i for i, p in enumerate(pidx) if p == j] for j in rows}
+    pidx, ridx = ro.prompt_index[idx].tolist(), idx.tolist()
+    # canonical layout (rows by prompt, completions by response index): the same set of responses
+    # packs the same way whatever the order of idx, so old and new log-probs agree bit for bit
+    rows = sorted(set(pidx))
+    members = {j: sorted((i for i, p in enumerate(pidx) if p == j), key=ridx.__getitem__) for j in rows}
 
     encs, segs, positions = [], [], []
     index = torch.zeros(len(idx), t, dtype=torch.long)  # row-local first, made global once L is known

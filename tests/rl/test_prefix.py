@@ -140,16 +140,16 @@ def test_packing_counts_each_prompt_once_and_uses_the_unshared_positions(tiny_di
     ro = make_rollout(ad)
     packed = pack_groups(model, ad, ro, ORDER)
     P = [e["input_ids"].shape[-1] for e in ro.prompt_encodings]
-    assert packed.rows == [1, 0]  # rows in order of first appearance in idx (4 is of prompt 1)
+    assert packed.rows == [0, 1]  # rows by prompt, whatever the order of idx
     L = max(P[j] + sum(LENGTHS[i] - 1 for i in range(j * G, (j + 1) * G)) for j in (0, 1))
     assert packed.inputs["input_ids"].shape == (2, L) and packed.num_positions == 2 * L
     # images: each prompt's pixel tensors once
     key = "pixel_values"
     assert packed.inputs[key].shape[0] == sum(e[key].shape[0] for e in ro.prompt_encodings)
-    # row 1 (prompt 0): prompt, then the inputs c[:-1] of responses 0 (none), 2, 1 in idx order
-    ids = packed.inputs["input_ids"][1]
+    # row 0 (prompt 0): prompt, then the inputs c[:-1] of responses 0 (none), 1, 2
+    ids = packed.inputs["input_ids"][0]
     c = ro.completion_ids
-    expect = torch.cat([ro.prompt_encodings[0]["input_ids"][0], c[0, :0], c[2, :2], c[1, :4]])
+    expect = torch.cat([ro.prompt_encodings[0]["input_ids"][0], c[0, :0], c[1, :4], c[2, :2]])
     assert torch.equal(ids[:len(expect)], expect) and (ids[len(expect):] == ad.pad_token_id).all()
     # positions of response 1's inputs = those of the full unshared sequence [prompt 0, c_1]
     pos = packed.inputs["position_ids"]
@@ -159,17 +159,21 @@ def test_packing_counts_each_prompt_once_and_uses_the_unshared_positions(tiny_di
         types = torch.cat([ro.prompt_encodings[0]["mm_token_type_ids"][0], torch.zeros(4, dtype=torch.long)])[None]
         want, _ = backbone.get_rope_index(full, types, image_grid_thw=ro.prompt_encodings[0]["image_grid_thw"])
         want = want[:, 0]
-        start = P[0] + 2
-        assert torch.equal(pos[:, 1, :P[0]], want[:, :P[0]])
-        assert torch.equal(pos[:, 1, start:start + 4], want[:, P[0]:])
+        start = P[0]
+        assert torch.equal(pos[:, 0, :P[0]], want[:, :P[0]])
+        assert torch.equal(pos[:, 0, start:start + 4], want[:, P[0]:])
         assert not torch.equal(want[0], want[1])  # really 3-D: image tokens have grid positions
     else:
-        start = P[0] + 2
-        assert torch.equal(pos[1, start:start + 4], torch.arange(P[0], P[0] + 4))
+        start = P[0]
+        assert torch.equal(pos[0, start:start + 4], torch.arange(P[0], P[0] + 4))
         assert full.shape[1] == P[0] + 4
     # hidden-state index: response 2's first token is predicted by the prompt's last position
     r2 = ORDER.index(2)
-    assert packed.index[r2, 0] == 1 * L + P[0] - 1 and packed.index[r2, 1] == 1 * L + P[0]
+    assert packed.index[r2, 0] == P[0] - 1 and packed.index[r2, 1] == P[0] + 4
+    # the same responses in another order: the same packed rows, outputs in the new order
+    again = pack_groups(model, ad, ro, sorted(ORDER))
+    assert torch.equal(again.inputs["input_ids"], packed.inputs["input_ids"])
+    assert torch.equal(again.index[torch.tensor(ORDER)], packed.index)  # ORDER permutes 0..B-1
 
 
 def test_mask_completions_see_the_prompt_and_their_own_past_only():
@@ -191,3 +195,98 @@ def test_attention_without_arbitrary_masks_is_refused_with_its_name(tiny_dirs):
     model.config.text_config._attn_implementation = "flash_attention_2"
     reason = shared_prefix_support(model)
     assert reason is not None and "flash_attention_2" in reason
+
+
+# --- GRPOModule: prompts encoded once per pass, same step as per response, ratio exactly 1 ----------
+
+
+@pytest.fixture(scope="module")
+def train_manifest(tmp_path_factory):
+    from egm.data.synthetic import make_synthetic
+
+    return make_synthetic(str(tmp_path_factory.getbasetemp() / "syn_prefix"), n_train=4, n_val=2, n_test=2,
+                          image_size=64)["train"]
+
+
+class Counter:
+    """Forward hooks: images into the vision towers and token positions into the language models."""
+
+    def __init__(self, family):
+        self.family, self.calls = family, []  # one (images, positions) per vision-tower call
+
+    def vision(self, module, args, kwargs, out):
+        if self.family == "qwen3_vl":
+            self.calls.append([int(kwargs["grid_thw"].shape[0]), 0])
+        else:  # tiles; the tiny InternVL has one tile per image
+            self.calls.append([int(kwargs["pixel_values"].shape[0]), 0])
+
+    def language(self, module, args, kwargs, out):
+        emb = kwargs["inputs_embeds"]
+        self.calls[-1][1] += emb.shape[0] * emb.shape[1]
+
+
+def _step(train_manifest, ckpt, family, shared_prefix):
+    import lightning as L
+
+    from egm.data.datamodule import GroundingDataModule
+    from egm.generation.sampling import SamplingParams
+    from egm.rl.module import GRPOModule
+
+    m = GRPOModule(ADAPTERS[family](str(ckpt)), lr=1e-3, warmup_steps=0, n_samples=4, beta=0.01,
+                   rollout=SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=8),
+                   ppo_epochs=2, micro_batch_size=8, max_grad_norm=None, shared_prefix=shared_prefix)
+    m.configure_model()
+    counter = Counter(family)
+    generate = None
+
+    def count_after_rollout(*a, **kw):  # rollouts use the vision tower too: count the training passes only
+        ro = generate(*a, **kw)
+        for model in (m.model, m.reference.model):
+            backbone = model.model
+            lm = backbone.language_model
+            m.adapter.vision_tower(model).register_forward_hook(counter.vision, with_kwargs=True)
+            lm.register_forward_hook(counter.language, with_kwargs=True)
+        m.last_rollout = ro
+        return ro
+
+    def on_fit_start():
+        nonlocal generate
+        type(m).on_fit_start(m)
+        generate = m.engine.generate
+        m.engine.generate = count_after_rollout
+
+    m.on_fit_start = on_fit_start
+    t = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, limit_val_batches=0)
+    t.fit(m, GroundingDataModule(train=train_manifest, batch_size=2))
+    return m, counter.calls
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "internvl"])
+def test_grpo_step_encodes_each_prompt_once_per_pass(tiny_dirs, train_manifest, family, monkeypatch):
+    import egm.rl.module as rl_module
+    from egm.reward import grounding_reward
+
+    def spread(texts, gt_boxes, sizes, parse=None, alpha=0.5):  # distinct rewards: advantages != 0
+        out = grounding_reward([None] * len(texts), gt_boxes, alpha)
+        return type(out)(np.linspace(0, 1, len(texts)), out.iou, out.success, out.parse_ok, out.failures)
+
+    monkeypatch.setattr(rl_module, "reward_from_texts", spread)
+    m, calls = _step(train_manifest, tiny_dirs[family], family, True)
+    ro = m.last_rollout
+    P, B = len(ro.examples), len(ro)
+    assert (P, B) == (2, 8) and m.last_stats["optimizer_steps"] == 2
+    packed = pack_groups(m.model, m.adapter, ro)
+    # 4 passes (old log-probs, reference, 2 updates), each one micro-batch: P images, one row per prompt
+    assert calls == [[P, packed.num_positions]] * 4
+    s = m.last_stats["first_minibatch"]
+    assert s["ppo_kl"] == 0.0 and s["clip_frac"] == 0.0  # PPO ratio exactly 1 at the first update
+
+    m2, calls2 = _step(train_manifest, tiny_dirs[family], family, False)
+    ro2 = m2.last_rollout
+    assert torch.equal(ro2.completion_ids, ro.completion_ids)  # same rollout, so the same step
+    per_response = ro2.model_inputs(m2.adapter)[0]["input_ids"].numel()
+    assert calls2 == [[B, per_response]] * 4  # G images per prompt per pass
+    assert packed.num_positions < per_response
+    for k in ("loss", "kl", "entropy", "pg_loss"):
+        assert m.last_stats[k] == pytest.approx(m2.last_stats[k], rel=1e-5, abs=1e-7), k
