@@ -119,6 +119,16 @@ def sequence_positions(model: torch.nn.Module, encoding: dict[str, Tensor], extr
     return pos[:, 0].cpu()  # (3, n)
 
 
+def packed_positions(ro: Rollout, idx: Sequence[int] | Tensor | None = None) -> int:
+    """Token positions (rows x padded row length) the shared-prefix forward of ``idx`` computes,
+    without building it: the cost a token-budget micro-batcher should count."""
+    idx = torch.arange(len(ro)) if idx is None else torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+    width: dict[int, int] = {}
+    for p, n in zip(ro.prompt_index[idx].tolist(), ro.completion_mask[idx].sum(1).tolist()):
+        width[p] = width.get(p, ro.prompt_encodings[p]["input_ids"].shape[-1]) + max(n - 1, 0)
+    return len(width) * max(width.values(), default=0)
+
+
 def pack_groups(model: torch.nn.Module, adapter: GroundingAdapter, ro: Rollout,
                 idx: Sequence[int] | Tensor | None = None, device: torch.device | str | None = None) -> PackedGroups:
     """Pack the responses ``idx`` of ``ro`` one row per prompt (module docstring).

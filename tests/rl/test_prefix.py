@@ -23,7 +23,8 @@ from egm.generation.rollout import Rollout, encode_prompts
 from egm.models import InternVLAdapter, Qwen3VLAdapter
 from egm.models.base import LoraSettings, disable_dropout
 from egm.rl.grpo import entropy_from_logits
-from egm.rl.prefix import pack_groups, shared_prefix_logprobs, shared_prefix_mask, shared_prefix_support
+from egm.rl.prefix import (pack_groups, packed_positions, shared_prefix_logprobs, shared_prefix_mask,
+                           shared_prefix_support)
 
 ADAPTERS = {"qwen3_vl": Qwen3VLAdapter, "internvl": InternVLAdapter}
 TEMPERATURE = 0.7
@@ -142,7 +143,8 @@ def test_packing_counts_each_prompt_once_and_uses_the_unshared_positions(tiny_di
     P = [e["input_ids"].shape[-1] for e in ro.prompt_encodings]
     assert packed.rows == [0, 1]  # rows by prompt, whatever the order of idx
     L = max(P[j] + sum(LENGTHS[i] - 1 for i in range(j * G, (j + 1) * G)) for j in (0, 1))
-    assert packed.inputs["input_ids"].shape == (2, L) and packed.num_positions == 2 * L
+    assert packed.inputs["input_ids"].shape == (2, L) and packed.num_positions == 2 * L == packed_positions(ro, ORDER)
+    assert pack_groups(model, ad, ro, [5, 3]).num_positions == packed_positions(ro, [5, 3]) == P[1] + 5 + 3
     # images: each prompt's pixel tensors once
     key = "pixel_values"
     assert packed.inputs[key].shape[0] == sum(e[key].shape[0] for e in ro.prompt_encodings)
@@ -290,3 +292,31 @@ def test_grpo_step_encodes_each_prompt_once_per_pass(tiny_dirs, train_manifest, 
     assert packed.num_positions < per_response
     for k in ("loss", "kl", "entropy", "pg_loss"):
         assert m.last_stats[k] == pytest.approx(m2.last_stats[k], rel=1e-5, abs=1e-7), k
+
+
+def test_grpo_module_falls_back_to_per_response_with_the_reason(tiny_dirs, caplog):
+    from egm.rl.module import GRPOModule
+
+    m = GRPOModule(InternVLAdapter(str(tiny_dirs["internvl"])), n_samples=2, rollout=_sampling())
+    m.configure_model()
+    assert m.shared_prefix  # sdpa: on
+    ad = InternVLAdapter(str(tiny_dirs["internvl"]), attn_implementation="eager")
+    off = GRPOModule(ad, n_samples=2, rollout=_sampling(), shared_prefix=False)
+    off.configure_model()
+    assert not off.shared_prefix
+    # an implementation without arbitrary masks: configure_model switches to per response and says why
+    flash = GRPOModule(ad, n_samples=2, rollout=_sampling())
+    flash.model = None
+    model = ad.load_model()
+    model.config.text_config._attn_implementation = "flash_attention_2"
+    flash.load_policy = lambda: model
+    with caplog.at_level("WARNING", logger="egm.rl.module"):
+        flash.configure_model()
+    assert not flash.shared_prefix
+    assert "shared_prefix off, log-probs computed per response" in caplog.text and "flash_attention_2" in caplog.text
+
+
+def _sampling():
+    from egm.generation.sampling import SamplingParams
+
+    return SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=4)
