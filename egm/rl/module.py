@@ -56,7 +56,7 @@ from egm.rl.dynamic import dynamic_sampling as dapo_dynamic_sampling
 from egm.rl.grpo import Agg, group_advantages, grpo_loss, sampled_token_entropy
 from egm.models.head import DEFAULT_CHUNK_TOKENS
 from egm.rl.ppo import ppo_updates, token_logprobs, token_micro_batches
-from egm.rl.prefix import shared_prefix_logprobs, shared_prefix_support
+from egm.rl.prefix import prefix_micro_batches, shared_prefix_logprobs, shared_prefix_support
 from egm.strategies import begin_micro_batch
 from egm.timing import PhaseClock
 from egm.validation import GroundingEvalHooks, GroundingValidation
@@ -243,7 +243,7 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
     def _forward_logp(self, model, ro: Rollout, idx, with_entropy=False, entropy_grad=False):
         if self.shared_prefix:
             return shared_prefix_logprobs(model, self.adapter, ro, idx, self.rollout.temperature, with_entropy,
-                                          entropy_grad, self.device)
+                                          entropy_grad, self.device, self.hparams.logprob_chunk_tokens)
         inputs, comp, mask = ro.model_inputs(self.adapter, idx, self.device)
         logp, ent = token_logprobs(model, inputs, comp, self.rollout.temperature, with_entropy, entropy_grad,
                                    completion_mask=mask, chunk_tokens=self.hparams.logprob_chunk_tokens)
@@ -252,6 +252,9 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
     def micro_batches(self, ro: Rollout, idx: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The responses ``idx`` (default: all) in micro-batches: by count, or by tokens."""
         idx = torch.arange(len(ro)) if idx is None else idx
+        if self.shared_prefix:  # groups kept together, cost counted as packed
+            return prefix_micro_batches(ro, idx, self.hparams.micro_batch_tokens,
+                                        self.hparams.micro_batch_size if self.hparams.micro_batch_tokens is None else None)
         if self.hparams.micro_batch_tokens is None:
             return list(idx.split(self.hparams.micro_batch_size))
         return token_micro_batches(idx, ro.sequence_lengths, self.hparams.micro_batch_tokens)
@@ -392,7 +395,8 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
                            agg=h.agg, seed=self.rollout_seed(),
                            begin_micro_batch=lambda last: begin_micro_batch(self._trainer, last),
                            reduce_sum=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), world=world,
-                           lengths=ro.sequence_lengths, micro_tokens=h.micro_batch_tokens)
+                           lengths=ro.sequence_lengths, micro_tokens=h.micro_batch_tokens,
+                           split=functools.partial(self.micro_batches, ro) if self.shared_prefix else None)
 
 
 def _sampling(p: SamplingParams | dict) -> SamplingParams:

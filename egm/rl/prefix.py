@@ -17,11 +17,12 @@ The last token of a completion predicts nothing, so it is left out of the row; t
 of every completion is predicted by the prompt's last position, so that hidden state is shared
 and receives the gradient of all ``G`` first tokens.
 
-The outputs are what the lean log-prob head takes: the final hidden states (after the final
-norm, before ``lm_head``) at the positions that predict each completion token, ``(b, t, H)`` in
-the order of ``idx``, with the completion ids and mask ``(b, t)`` trimmed to the longest response
-of ``idx`` -- the same contract as the per-response path, so log-probs, entropies and gradients
-are equal up to rounding (``tests/rl/test_prefix.py``).
+:func:`shared_prefix_hidden` gives the final hidden states (after the final norm, before
+``lm_head``) at the positions that predict each completion token, ``(b, t, H)`` in the order of
+``idx``; the chunked head (:func:`egm.models.head.masked_logprobs`) turns them into log-probs and
+entropies, with the completion ids and mask ``(b, t)`` trimmed to the longest response of
+``idx`` -- the contract of the per-response path, so log-probs, entropies and gradients are equal
+up to rounding (``tests/rl/test_prefix.py``).
 
 Attention implementations: ``sdpa`` (boolean mask) and ``eager`` (additive float mask) take a
 custom 4-D mask, which transformers passes through unchanged (``masking_utils`` returns a 4-D
@@ -42,7 +43,7 @@ from torch import Tensor
 
 from egm.generation.rollout import Rollout
 from egm.models.base import GroundingAdapter
-from egm.rl.grpo import entropy_from_logits
+from egm.models.head import DEFAULT_CHUNK_TOKENS, hf_model, masked_logprobs, output_head
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -73,13 +74,8 @@ class PackedGroups:
         return int(self.inputs["input_ids"].numel())
 
 
-def base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers ``*ForConditionalGeneration`` under a PEFT wrapper (or ``model`` itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def attention_implementation(model: torch.nn.Module) -> str:
-    cfg = base_model(model).config
+    cfg = hf_model(model).config
     text = getattr(cfg, "text_config", None) or cfg
     return str(getattr(text, "_attn_implementation", None) or getattr(cfg, "_attn_implementation", "eager"))
 
@@ -90,7 +86,7 @@ def shared_prefix_support(model: torch.nn.Module) -> str | None:
     if impl not in SUPPORTED_ATTENTION:
         return (f"attention implementation {impl!r} cannot take the shared-prefix 4-D attention mask "
                 f"(supported: {', '.join(SUPPORTED_ATTENTION)})")
-    base = base_model(model)
+    base = hf_model(model)
     text = getattr(base.config, "text_config", None) or base.config
     layer_types = set(getattr(text, "layer_types", None) or ["full_attention"])
     if layer_types != {"full_attention"}:
@@ -109,7 +105,7 @@ def sequence_positions(model: torch.nn.Module, encoding: dict[str, Tensor], extr
     """
     ids = encoding["input_ids"].reshape(1, -1)
     n = ids.shape[1] + extra
-    backbone = base_model(model).model
+    backbone = hf_model(model).model
     if not hasattr(backbone, "get_rope_index"):
         return torch.arange(n).reshape(1, n)
     pad = torch.zeros(1, extra, dtype=ids.dtype)
@@ -127,6 +123,40 @@ def packed_positions(ro: Rollout, idx: Sequence[int] | Tensor | None = None) -> 
     for p, n in zip(ro.prompt_index[idx].tolist(), ro.completion_mask[idx].sum(1).tolist()):
         width[p] = width.get(p, ro.prompt_encodings[p]["input_ids"].shape[-1]) + max(n - 1, 0)
     return len(width) * max(width.values(), default=0)
+
+
+def prefix_micro_batches(ro: Rollout, idx: Tensor | None = None, max_tokens: int | None = None,
+                         max_responses: int | None = None) -> list[Tensor]:
+    """Split the responses ``idx`` into micro-batches that keep groups together.
+
+    Responses are ordered by (prompt, response) and cut greedily where the next one would exceed
+    ``max_tokens`` packed positions (:func:`packed_positions`: rows x longest row) or
+    ``max_responses`` responses; a group is split only where it does not fit, and then its prompt
+    is encoded once per micro-batch holding part of it. A response over ``max_tokens`` on its
+    own gets a micro-batch of its own. Within a mini-batch the split does not change the gradient
+    (every loss is divided by the mini-batch's normaliser).
+    """
+    idx = torch.arange(len(ro)) if idx is None else torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+    pidx = ro.prompt_index
+    order = idx[torch.argsort(pidx[idx] * len(ro) + idx)].tolist()
+    lengths = ro.completion_mask.sum(1).tolist()
+    out: list[list[int]] = []
+    cur: list[int] = []
+    width: dict[int, int] = {}
+    for i in order:
+        p = int(pidx[i])
+        w = width.get(p, ro.prompt_encodings[p]["input_ids"].shape[-1]) + max(lengths[i] - 1, 0)
+        cost = (len(width) + (p not in width)) * max(w, *width.values()) if width else w
+        if cur and ((max_tokens is not None and cost > max_tokens)
+                    or (max_responses is not None and len(cur) >= max_responses)):
+            out.append(cur)
+            cur, width = [], {}
+            w = ro.prompt_encodings[p]["input_ids"].shape[-1] + max(lengths[i] - 1, 0)
+        cur.append(i)
+        width[p] = w
+    if cur:
+        out.append(cur)
+    return [torch.tensor(m, dtype=torch.long) for m in out]
 
 
 def pack_groups(model: torch.nn.Module, adapter: GroundingAdapter, ro: Rollout,
@@ -222,45 +252,25 @@ def shared_prefix_mask(segments: Tensor, implementation: str, dtype: torch.dtype
 
 
 def _float_dtype(model: torch.nn.Module) -> torch.dtype:
-    return base_model(model).get_input_embeddings().weight.dtype
+    return hf_model(model).get_input_embeddings().weight.dtype
 
 
 def shared_prefix_hidden(model: torch.nn.Module, packed: PackedGroups) -> Tensor:
     """``(b, t, H)`` final hidden states (after the final norm) predicting each completion token."""
-    out = base_model(model).model(**packed.inputs, use_cache=False)
+    out = hf_model(model).model(**packed.inputs, use_cache=False)
     h = out.last_hidden_state  # (R, L, H)
     return h.reshape(-1, h.shape[-1])[packed.index]
 
 
-def head_logprobs(hidden: Tensor, head: torch.nn.Module, targets: Tensor, temperature: float = 1.0,
-                  with_entropy: bool = False, entropy_grad: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Log-probs ``(b, t)`` of ``targets`` (and exact entropies) from hidden states ``(b, t, H)``.
-
-    A plain stand-in for the lean chunked head (same arguments, without ``chunk_tokens``):
-    logits / temperature as in :func:`egm.rl.ppo.token_logprobs`; half precision is upcast to
-    float32, float64 kept.
-    """
-    logits = head(hidden)
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    ent = None
-    if with_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            ent = entropy_from_logits(logits)
-    return logp, ent
-
-
 def shared_prefix_logprobs(model: torch.nn.Module, adapter: GroundingAdapter, ro: Rollout,
                            idx: Sequence[int] | Tensor | None, temperature: float = 1.0, with_entropy: bool = False,
-                           entropy_grad: bool = True, device: torch.device | str | None = None
-                           ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+                           entropy_grad: bool = True, device: torch.device | str | None = None,
+                           chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """``(logp, entropy, completion_ids, completion_mask)`` of the responses ``idx``, each ``(b, t)``:
-    the shared-prefix counterpart of ``token_logprobs(model, *ro.model_inputs(adapter, idx))``."""
+    the shared-prefix counterpart of :func:`egm.rl.ppo.token_logprobs` on ``ro.model_inputs(adapter, idx)``,
+    through the same chunked head (:func:`egm.models.head.masked_logprobs`; 0 outside the mask)."""
     packed = pack_groups(model, adapter, ro, idx, device)
     hidden = shared_prefix_hidden(model, packed)
-    head = base_model(model).get_output_embeddings()
-    logp, ent = head_logprobs(hidden, head, packed.completion_ids, temperature, with_entropy, entropy_grad)
+    logp, ent = masked_logprobs(hidden, output_head(model), packed.completion_ids, packed.completion_mask,
+                                temperature, with_entropy, entropy_grad, chunk_tokens)
     return logp, ent, packed.completion_ids, packed.completion_mask

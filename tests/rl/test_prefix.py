@@ -23,8 +23,8 @@ from egm.generation.rollout import Rollout, encode_prompts
 from egm.models import InternVLAdapter, Qwen3VLAdapter
 from egm.models.base import LoraSettings, disable_dropout
 from egm.rl.grpo import entropy_from_logits
-from egm.rl.prefix import (pack_groups, packed_positions, shared_prefix_logprobs, shared_prefix_mask,
-                           shared_prefix_support)
+from egm.rl.prefix import (pack_groups, packed_positions, prefix_micro_batches, shared_prefix_logprobs,
+                           shared_prefix_mask, shared_prefix_support)
 
 ADAPTERS = {"qwen3_vl": Qwen3VLAdapter, "internvl": InternVLAdapter}
 TEMPERATURE = 0.7
@@ -176,6 +176,23 @@ def test_packing_counts_each_prompt_once_and_uses_the_unshared_positions(tiny_di
     again = pack_groups(model, ad, ro, sorted(ORDER))
     assert torch.equal(again.inputs["input_ids"], packed.inputs["input_ids"])
     assert torch.equal(again.index[torch.tensor(ORDER)], packed.index)  # ORDER permutes 0..B-1
+
+
+def test_micro_batches_keep_groups_together_within_the_token_budget(tiny_dirs):
+    ad = ADAPTERS["qwen3_vl"](str(tiny_dirs["qwen3_vl"]))
+    ro = make_rollout(ad)
+    P = [e["input_ids"].shape[-1] for e in ro.prompt_encodings]
+    whole = P[1] + sum(n - 1 for n in LENGTHS[3:])  # group 1 (the longer prompt) in one row
+    shuffled = torch.tensor(ORDER)
+    mbs = prefix_micro_batches(ro, shuffled, max_tokens=whole)
+    assert [m.tolist() for m in mbs] == [[0, 1, 2], [3, 4, 5]]  # one group each: both fit, never mixed
+    assert all(packed_positions(ro, m) <= whole for m in mbs)
+    tight = prefix_micro_batches(ro, shuffled, max_tokens=P[1] + 3)
+    assert sorted(torch.cat(tight).tolist()) == list(range(6))
+    assert all(len(set(ro.prompt_index[m].tolist())) == 1 for m in tight)  # a split group, never two prompts
+    assert [m.tolist() for m in tight if 5 in m.tolist()] == [[5]]  # 6 tokens > budget: alone
+    by_count = prefix_micro_batches(ro, shuffled, max_responses=4)
+    assert [m.tolist() for m in by_count] == [[0, 1, 2, 3], [4, 5]]
 
 
 def test_mask_completions_see_the_prompt_and_their_own_past_only():
