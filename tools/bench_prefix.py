@@ -10,7 +10,7 @@ tokens, and ``G`` responses of ``C`` tokens each. The adapter (collation, paddin
 checkpoint's, whose special-token ids the config reuses.
 
 Each phase runs as :class:`egm.rl.module.GRPOModule` runs it, over micro-batches of ``--micro``
-responses: old log-probs and reference log-probs (``no_grad``; the reference is a frozen copy),
+responses, both paths through the chunked head (:mod:`egm.models.head`, 512 tokens per chunk): old log-probs and reference log-probs (``no_grad``; the reference is a frozen copy),
 update (log-probs + exact entropy with grad, :func:`egm.rl.grpo.grpo_loss`, backward, one
 optimiser step). Both paths are timed in this process, alternating, ``--repeat`` times (median).
 Peak memory: one child process per path runs one round and reports its peak RSS growth over its
@@ -117,7 +117,7 @@ def logprobs(path: str, model, ad, ro, idx, grad: bool):
         logp, ent, _, mask = shared_prefix_logprobs(model, ad, ro, idx, 0.7, grad, grad)
         return logp, ent, mask
     inputs, comp, mask = ro.model_inputs(ad, idx)
-    logp, ent = token_logprobs(model, inputs, comp, 0.7, grad, grad)
+    logp, ent = token_logprobs(model, inputs, comp, 0.7, grad, grad, completion_mask=mask)
     return logp, ent, mask
 
 
