@@ -101,9 +101,11 @@ def fit(module, train: str, batch: int, strategy, devices: int, max_steps: int, 
 
 def grpo_step(ck, train, strategy, devices):
     """One GRPO optimiser step on 4 prompts x 3 samples: micro-batches of 2 responses under
-    DeepSpeed (3 per rank), the whole batch in one backward for the 1-process reference."""
+    DeepSpeed (3 per rank; groups split over micro-batches, log-probs with the shared prefix,
+    :mod:`egm.rl.prefix`), the whole batch in one backward, per response, for the 1-process reference."""
     micro = 2 if devices > 1 else GRPO_PROMPTS * 3
-    return fit(sgd(grpo_module(ck, micro_batch_size=micro)), train, GRPO_PROMPTS // devices, strategy, devices, 1)
+    return fit(sgd(grpo_module(ck, micro_batch_size=micro, shared_prefix=devices > 1)), train, GRPO_PROMPTS // devices,
+               strategy, devices, 1)
 
 
 def sft_step(ck, train, strategy, devices, export_dir=None):

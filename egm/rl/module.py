@@ -56,6 +56,7 @@ from egm.rl.dynamic import dynamic_sampling as dapo_dynamic_sampling
 from egm.rl.grpo import Agg, group_advantages, grpo_loss, sampled_token_entropy
 from egm.models.head import DEFAULT_CHUNK_TOKENS
 from egm.rl.ppo import ppo_updates, token_logprobs, token_micro_batches
+from egm.rl.prefix import prefix_micro_batches, shared_prefix_logprobs, shared_prefix_support
 from egm.strategies import begin_micro_batch
 from egm.timing import PhaseClock
 from egm.validation import GroundingEvalHooks, GroundingValidation
@@ -123,6 +124,10 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
             zero spread are dropped and the batch refilled with fresh prompts drawn from the
             training set (:mod:`egm.rl.dynamic`), at most ``max_refill_rounds`` rounds; a batch
             still short is completed with zero-spread groups. Logged as ``train/dynamic/*``.
+        shared_prefix: old, reference and current log-probs from one row per prompt,
+            ``[prompt, c_1, ..., c_G]``: each group's image and prompt encoded once per micro-batch
+            (:mod:`egm.rl.prefix`; same numbers as per response). Attention implementations that
+            cannot take its mask (FlashAttention) fall back to per response, with a warning.
     """
 
     def __init__(
@@ -156,6 +161,7 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         seed: int = 0,
         dynamic_sampling: bool = False,
         max_refill_rounds: int = 2,
+        shared_prefix: bool = True,
     ):
         check_ranges("GRPOModule", locals(), GRPO_RULES)  # before any model loads (egm.config_checks)
         super().__init__()
@@ -184,6 +190,7 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         self.validation = GroundingValidation(self, val_sampling)
         self.last_stats: dict[str, Any] = {}  # numbers of the last training step (tests, debugging)
         self.reference = ReferencePolicy()
+        self.shared_prefix = shared_prefix  # off when the model's attention cannot take its mask
 
     # -- model -----------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -191,6 +198,10 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
             return
         self.model = self.load_policy()
         disable_dropout(self.model)
+        reason = shared_prefix_support(self.model) if self.shared_prefix else None
+        if reason is not None:
+            log.warning("shared_prefix off, log-probs computed per response: %s", reason)
+            self.shared_prefix = False
         self.model.train()  # from_pretrained returns eval mode; gradient checkpointing needs train mode
         if self.hparams.beta != 0.0 and self.adapter.lora is None:
             ref = self.adapter.load_model().eval()  # same checkpoint = the initial policy
@@ -230,6 +241,9 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
 
     # -- log-probs -------------------------------------------------------------------------
     def _forward_logp(self, model, ro: Rollout, idx, with_entropy=False, entropy_grad=False):
+        if self.shared_prefix:
+            return shared_prefix_logprobs(model, self.adapter, ro, idx, self.rollout.temperature, with_entropy,
+                                          entropy_grad, self.device, self.hparams.logprob_chunk_tokens)
         inputs, comp, mask = ro.model_inputs(self.adapter, idx, self.device)
         logp, ent = token_logprobs(model, inputs, comp, self.rollout.temperature, with_entropy, entropy_grad,
                                    completion_mask=mask, chunk_tokens=self.hparams.logprob_chunk_tokens)
@@ -238,6 +252,9 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
     def micro_batches(self, ro: Rollout, idx: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The responses ``idx`` (default: all) in micro-batches: by count, or by tokens."""
         idx = torch.arange(len(ro)) if idx is None else idx
+        if self.shared_prefix:  # groups kept together, cost counted as packed
+            return prefix_micro_batches(ro, idx, self.hparams.micro_batch_tokens,
+                                        self.hparams.micro_batch_size if self.hparams.micro_batch_tokens is None else None)
         if self.hparams.micro_batch_tokens is None:
             return list(idx.split(self.hparams.micro_batch_size))
         return token_micro_batches(idx, ro.sequence_lengths, self.hparams.micro_batch_tokens)
@@ -378,7 +395,8 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
                            agg=h.agg, seed=self.rollout_seed(),
                            begin_micro_batch=lambda last: begin_micro_batch(self._trainer, last),
                            reduce_sum=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), world=world,
-                           lengths=ro.sequence_lengths, micro_tokens=h.micro_batch_tokens)
+                           lengths=ro.sequence_lengths, micro_tokens=h.micro_batch_tokens,
+                           split=functools.partial(self.micro_batches, ro) if self.shared_prefix else None)
 
 
 def _sampling(p: SamplingParams | dict) -> SamplingParams:

@@ -118,6 +118,7 @@ def ppo_updates(
     world: int = 1,
     lengths: Tensor | None = None,
     micro_tokens: int | None = None,
+    split: Callable[[Tensor], list[Tensor]] | None = None,
 ) -> dict[str, Any]:
     """``epochs`` x mini-batches of optimiser steps over one rollout batch (module docstring).
 
@@ -133,6 +134,8 @@ def ppo_updates(
         lengths, micro_tokens: with ``micro_tokens``, micro-batches are packed by token count
             instead (:func:`token_micro_batches` over ``lengths``, the ``(B,)`` tokens each
             response's forward processes) and ``micro`` is not used.
+        split: ``mb -> micro-batches``, replacing both (the shared-prefix forward keeps groups
+            together: :func:`egm.rl.prefix.prefix_micro_batches`).
         agg: the loss aggregation, for the normaliser: tokens or sequences.
         seed: seed of the mini-batch shuffle (used when ``epochs > 1`` or ``mini < B``).
 
@@ -155,7 +158,10 @@ def ppo_updates(
         for mb in order.split(mini):
             normalizer = global_normalizer(completion_mask[mb], agg, reduce_sum, world, device)
             mb_sums: dict[str, float] = defaultdict(float)
-            micros = mb.split(micro) if micro_tokens is None else token_micro_batches(mb, lengths, micro_tokens)
+            if split is not None:
+                micros = split(mb)
+            else:
+                micros = mb.split(micro) if micro_tokens is None else token_micro_batches(mb, lengths, micro_tokens)
             for i, mc in enumerate(micros):
                 begin_micro_batch(i == len(micros) - 1)
                 logp, ent, mask = forward(mc)

@@ -1,0 +1,219 @@
+"""Shared-prefix vs per-response GRPO training passes (old log-probs, reference, update) at the paper's token shapes.
+
+Model: random weights from a config with the real 151,936-row vocabulary (embedding and
+``lm_head``), a trunk of ``--hidden`` x ``--layers`` (Qwen3-VL-like: 8 heads of 64, 4 KV heads,
+MLP 3x hidden) and a shallow vision tower (``--vision-depth`` x ``--vision-hidden``). Inputs:
+``P`` prompts shaped as the real processors shape them -- Qwen3-VL: a 586x480 image is an image
+grid of 30x36 patches (270 tokens after the 2x2 merge); InternVL3: a 640x427 image at
+``max_patches`` 12 is 7 tiles of 448x448 (7 x 256 = 1,792 tokens) -- plus ``--text`` text
+tokens, and ``G`` responses of ``C`` tokens each. The adapter (collation, padding) is the tiny
+checkpoint's, whose special-token ids the config reuses.
+
+Each phase runs as :class:`egm.rl.module.GRPOModule` runs it, over micro-batches of ``--micro``
+responses, both paths through the chunked head (:mod:`egm.models.head`, 512 tokens per chunk): old log-probs and reference log-probs (``no_grad``; the reference is a frozen copy),
+update (log-probs + exact entropy with grad, :func:`egm.rl.grpo.grpo_loss`, backward, one
+optimiser step). Both paths are timed in this process, alternating, ``--repeat`` times (median).
+Peak memory: one child process per path runs one round and reports its peak RSS growth over its
+RSS after building the models (``VmHWM - VmRSS``, Linux), so the two paths do not share a high-water mark.
+
+    .venv-test/bin/python tools/bench_prefix.py --family qwen3_vl --G 16 --C 120
+    .venv-test/bin/python tools/bench_prefix.py --family internvl --G 16 --C 120
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+VOCAB = 151_936
+
+
+def build(family: str, a, tiny: Path):
+    """(adapter, policy, reference, prompt encodings) for ``a.prompts`` prompts of the family's real shape."""
+    import transformers
+
+    from egm.models import InternVLAdapter, Qwen3VLAdapter
+
+    ad = (Qwen3VLAdapter if family == "qwen3_vl" else InternVLAdapter)(str(tiny))
+    ids = ad.tokenizer.convert_tokens_to_ids
+    text = dict(vocab_size=VOCAB, hidden_size=a.hidden, intermediate_size=3 * a.hidden, num_hidden_layers=a.layers,
+                num_attention_heads=a.hidden // 64, num_key_value_heads=max(a.hidden // 128, 1), head_dim=64,
+                max_position_embeddings=32768, tie_word_embeddings=False, pad_token_id=ad.pad_token_id)
+    if family == "qwen3_vl":
+        cfg = transformers.Qwen3VLConfig(
+            text_config={**text, "rope_parameters": {"rope_type": "default", "rope_theta": 5e6,
+                                                     "mrope_section": [12, 10, 10], "mrope_interleaved": True}},
+            vision_config=dict(depth=a.vision_depth, hidden_size=a.vision_hidden, intermediate_size=4 * a.vision_hidden,
+                               num_heads=a.vision_hidden // 64, patch_size=16, spatial_merge_size=2,
+                               temporal_patch_size=2, out_hidden_size=a.hidden, num_position_embeddings=2304,
+                               deepstack_visual_indexes=list(range(min(a.vision_depth, 2)))),
+            image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+            tie_word_embeddings=False)
+        cls = transformers.Qwen3VLForConditionalGeneration
+    else:
+        cfg = transformers.InternVLConfig(
+            vision_config=dict(hidden_size=a.vision_hidden, num_hidden_layers=a.vision_depth,
+                               num_attention_heads=a.vision_hidden // 64, intermediate_size=4 * a.vision_hidden,
+                               image_size=[448, 448], patch_size=[14, 14]),
+            text_config={**text, "model_type": "qwen2"},
+            image_token_id=ids("<IMG_CONTEXT>"), image_seq_length=256, downsample_ratio=0.5, tie_word_embeddings=False)
+        cls = transformers.InternVLForConditionalGeneration
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = cls(cfg).train()
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(1)
+    encs = [prompt_encoding(family, ad, cfg, a.text, gen) for _ in range(a.prompts)]
+    return ad, model, ref, encs
+
+
+def prompt_encoding(family: str, ad, cfg, n_text: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """One prompt as the family's processor encodes a 586x480 (Qwen3-VL) / 640x427 (InternVL3) image."""
+    ids = ad.tokenizer.convert_tokens_to_ids
+    words = torch.randint(1000, VOCAB - 1000, (n_text,), generator=gen)
+    head, tail = words[: n_text // 3], words[n_text // 3:]
+    if family == "qwen3_vl":
+        grid = torch.tensor([[1, 30, 36]])  # 586x480 -> 480x576 px resized, 16 px patches
+        n_img = int(grid.prod()) // 4
+        image = torch.cat([torch.tensor([ids("<|vision_start|>")]), torch.full((n_img,), cfg.image_token_id),
+                           torch.tensor([ids("<|vision_end|>")])])
+        seq = torch.cat([head, image, tail])[None]
+        types = (seq == cfg.image_token_id).long()
+        return {"input_ids": seq, "attention_mask": torch.ones_like(seq), "mm_token_type_ids": types,
+                "pixel_values": torch.randn(int(grid.prod()), 3 * 2 * 16 * 16, generator=gen), "image_grid_thw": grid}
+    tiles = 7  # 640x427 at max_patches 12: 3x2 tiles + thumbnail
+    image = torch.cat([torch.tensor([ids("<img>")]), torch.full((tiles * 256,), cfg.image_token_id),
+                       torch.tensor([ids("</img>")])])
+    seq = torch.cat([head, image, tail])[None]
+    return {"input_ids": seq, "attention_mask": torch.ones_like(seq),
+            "pixel_values": torch.randn(tiles, 3, 448, 448, generator=gen)}
+
+
+def rollout(ad, encs, G: int, C: int):
+    from egm.generation.rollout import Rollout
+
+    B = len(encs) * G
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(1000, VOCAB - 1000, (B, C), generator=gen)
+    return Rollout([{} for _ in encs], encs, ids, torch.ones(B, C, dtype=torch.long), torch.full((B,), C),
+                   torch.zeros(B, dtype=torch.bool), [""] * B, G)
+
+
+def logprobs(path: str, model, ad, ro, idx, grad: bool):
+    from egm.rl.ppo import token_logprobs
+    from egm.rl.prefix import shared_prefix_logprobs
+
+    if path == "shared":
+        logp, ent, _, mask = shared_prefix_logprobs(model, ad, ro, idx, 0.7, grad, grad)
+        return logp, ent, mask
+    inputs, comp, mask = ro.model_inputs(ad, idx)
+    logp, ent = token_logprobs(model, inputs, comp, 0.7, grad, grad, completion_mask=mask)
+    return logp, ent, mask
+
+
+def run_round(path: str, ad, model, ref, ro, micro: int) -> dict[str, float]:
+    """Seconds of the three phases for one rollout batch."""
+    from egm.rl.grpo import grpo_loss
+
+    out = {}
+    micros = torch.arange(len(ro)).split(micro)
+    for name, m in (("old", model), ("ref", ref)):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for idx in micros:
+                logprobs(path, m, ad, ro, idx, False)
+        out[name] = time.perf_counter() - t0
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # a real step that leaves the weights as they are
+    adv = torch.linspace(-1, 1, len(ro))
+    norm = ro.completion_mask.sum().float()
+    t0 = time.perf_counter()
+    for idx in micros:
+        logp, ent, mask = logprobs(path, model, ad, ro, idx, True)
+        loss, _ = grpo_loss(logp, logp.detach(), adv[idx], mask, None, ent, gamma=0.01, normalizer=norm)
+        loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    out["update"] = time.perf_counter() - t0
+    return out
+
+
+def vm(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20  # kB -> GiB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=["qwen3_vl", "internvl"], default="qwen3_vl")
+    ap.add_argument("--prompts", type=int, default=1)
+    ap.add_argument("--G", type=int, default=16)
+    ap.add_argument("--C", type=int, default=120, help="response tokens")
+    ap.add_argument("--text", type=int, default=30, help="text tokens of the prompt (besides the image)")
+    ap.add_argument("--micro", type=int, default=16, help="responses per micro-batch")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vision-hidden", type=int, default=256)
+    ap.add_argument("--vision-depth", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    ap.add_argument("--child", choices=["shared", "per_response"], help=argparse.SUPPRESS)
+    return ap.parse_args()
+
+
+def main() -> None:
+    a = parse()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from egm.models.tiny import tiny_checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        ad, model, ref, encs = build(a.family, a, tiny_checkpoint(a.family, Path(d) / "tiny"))
+        ro = rollout(ad, encs, a.G, a.C)
+        if a.child:
+            base = vm("VmRSS")
+            run_round(a.child, ad, model, ref, ro, a.micro)
+            print(json.dumps({"peak_gib": vm("VmHWM") - base}))
+            return
+        times: dict[str, list[dict[str, float]]] = {"per_response": [], "shared": []}
+        for _ in range(a.repeat):
+            for path in times:
+                times[path].append(run_round(path, ad, model, ref, ro, a.micro))
+        P = encs[0]["input_ids"].shape[1]
+    mem = {}
+    if not a.no_memory:
+        for path in times:
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--child", path]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            mem[path] = json.loads(out)["peak_gib"]
+    print(f"{a.family}: P={P} prompt tokens, G={a.G}, C={a.C}, {a.prompts} prompt(s), micro-batch {a.micro} responses, "
+          f"hidden {a.hidden} x {a.layers} layers, vocab {VOCAB}, vision {a.vision_hidden} x {a.vision_depth}, "
+          f"{torch.get_num_threads()} thread(s), CPU, median of {a.repeat}")
+    print(f"LM token positions per pass: per response {a.prompts * a.G * (P + a.C)}, "
+          f"shared prefix {a.prompts * (P + a.G * (a.C - 1))}")
+    print(f"{'phase':<8}{'per response s':>16}{'shared s':>12}{'speed-up':>10}")
+    for phase in ("old", "ref", "update"):
+        pr = statistics.median(t[phase] for t in times["per_response"])
+        sh = statistics.median(t[phase] for t in times["shared"])
+        print(f"{phase:<8}{pr:>16.2f}{sh:>12.2f}{pr / sh:>9.2f}x")
+    tot = {p: statistics.median(sum(t.values()) for t in ts) for p, ts in times.items()}
+    print(f"{'all':<8}{tot['per_response']:>16.2f}{tot['shared']:>12.2f}{tot['per_response'] / tot['shared']:>9.2f}x")
+    if mem:
+        print(f"peak RSS growth of one round: per response {mem['per_response']:.2f} GiB, "
+              f"shared prefix {mem['shared']:.2f} GiB (ratio {mem['per_response'] / mem['shared']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
