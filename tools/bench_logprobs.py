@@ -148,7 +148,7 @@ def bench_shapes(shapes, repeat: int, chunk: int, device: str, V: int, H: int, T
         for k in paths:
             need = PREDICTED_PEAK[k] * logits_bytes
             avail = _available() if not device.startswith("cuda") else None
-            if avail is not None and need > 0.85 * avail:
+            if avail is not None and need > 0.7 * avail:  # headroom: other processes may grow meanwhile
                 res[k]["skipped"] = f"needs ~{need / 2**30:.0f} GiB, {avail / 2**30:.0f} GiB available"
         for _ in range(repeat):
             for k, fn in paths.items():

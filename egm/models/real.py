@@ -47,6 +47,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -316,9 +317,8 @@ def make_real(family: str, out_dir: str | Path, size: str = "tiny", seed: int = 
     stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
     model.generation_config = GenerationConfig(eos_token_id=stop, pad_token_id=tok.pad_token_id,
                                                bos_token_id=tok.pad_token_id, do_sample=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         _processor(family, tok).save_pretrained(tmp)
         video = tmp / "video_preprocessor_config.json"
@@ -327,6 +327,21 @@ def make_real(family: str, out_dir: str | Path, size: str = "tiny", seed: int = 
         n = sum(p.numel() for p in model.parameters())
         (tmp / MARKER).write_text(json.dumps({"family": family, "size": size, "seed": seed, "dtype": dtype,
                                               "version": _VERSION, "parameters": n}, indent=1))
+
+    return build_folder(out, write)
+
+
+def build_folder(out: Path, write: Callable[[Path], None],
+                 unchanged: Callable[[Path, Path], bool] | None = None) -> Path:
+    """Write a checkpoint folder all at once: ``write`` fills a temporary sibling, which then replaces
+    ``out`` (kept as it is when ``unchanged(new, out)``), so an interrupted build never leaves half a
+    folder behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists() and unchanged is not None and unchanged(tmp, out):
+            return out
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

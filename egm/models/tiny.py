@@ -33,15 +33,13 @@ import filecmp
 import hashlib
 import json
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from egm.errors import InputError
-from egm.models.real import PRETOKENIZE_REGEX, make_real  # Qwen2's pre-tokenizer regex (digits isolated)
+from egm.models.real import PRETOKENIZE_REGEX, build_folder, make_real  # Qwen2's pre-tokenizer regex (digits isolated)
 
 FAMILIES = ("qwen3_vl", "internvl")
 _MARKER = "egm_tiny.json"
@@ -343,19 +341,8 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0, init_seed: int | 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / _MARKER).exists():
         raise FileExistsError(f"{out} is not empty and is not a tiny EGM checkpoint; refusing to overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        _write(family, tmp, seed, full, seed if init_seed is None else init_seed)
-        if out.exists() and _same_tree(tmp, out):
-            return out
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+    return build_folder(out, lambda tmp: _write(family, tmp, seed, full, seed if init_seed is None else init_seed),
+                        _same_tree)
 
 
 def tiny_checkpoint(family: str, root: str | Path, seed: int = 0, **dims: int) -> Path:
