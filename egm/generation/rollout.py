@@ -64,10 +64,14 @@ class Rollout:
         return torch.arange(len(self.examples)).repeat_interleave(self.group_size)
 
     @property
+    def prompt_lengths(self) -> Tensor:
+        """``(P,)`` tokens of each prompt encoding (image tokens included)."""
+        return torch.tensor([int(e["input_ids"].shape[-1]) for e in self.prompt_encodings], dtype=torch.long)
+
+    @property
     def sequence_lengths(self) -> Tensor:
         """``(B,)`` prompt + response tokens of each response: what its training forward processes."""
-        prompt = torch.tensor([int(e["input_ids"].shape[1]) for e in self.prompt_encodings])
-        return prompt[self.prompt_index] + self.lengths
+        return self.prompt_lengths[self.prompt_index] + self.lengths
 
     @property
     def num_tokens(self) -> int:

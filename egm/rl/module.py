@@ -395,8 +395,7 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
                            agg=h.agg, seed=self.rollout_seed(),
                            begin_micro_batch=lambda last: begin_micro_batch(self._trainer, last),
                            reduce_sum=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), world=world,
-                           lengths=ro.sequence_lengths, micro_tokens=h.micro_batch_tokens,
-                           split=functools.partial(self.micro_batches, ro) if self.shared_prefix else None)
+                           split=functools.partial(self.micro_batches, ro))
 
 
 def _sampling(p: SamplingParams | dict) -> SamplingParams:

@@ -2,8 +2,8 @@
 
 :func:`ppo_updates` runs ``epochs`` passes over the batch's ``B`` responses in mini-batches of
 ``mini`` responses; each mini-batch is one optimiser step, its gradient accumulated over
-micro-batches of ``micro`` responses, or of at most ``micro_tokens`` padded tokens
-(:func:`token_micro_batches`; memory only). Every micro-batch loss is divided by the
+micro-batches of ``micro`` responses, or as ``split`` cuts it (by token count:
+:func:`token_micro_batches`; memory only). Every micro-batch loss is divided by the
 *mini-batch's* normaliser (:func:`global_normalizer`: its token count, or sequence count, summed
 over all ranks and divided by the world size, since DDP/DeepSpeed then average the ranks'
 gradients), so the accumulated gradient equals that of the whole global mini-batch at once,
@@ -116,8 +116,6 @@ def ppo_updates(
     begin_micro_batch: Callable[[bool], None] = _noop,
     reduce_sum: Callable[[Tensor], Tensor] | None = None,
     world: int = 1,
-    lengths: Tensor | None = None,
-    micro_tokens: int | None = None,
     split: Callable[[Tensor], list[Tensor]] | None = None,
 ) -> dict[str, Any]:
     """``epochs`` x mini-batches of optimiser steps over one rollout batch (module docstring).
@@ -131,11 +129,9 @@ def ppo_updates(
             optimiser step (then ``old = logp.detach()``: the same numbers, no extra pass).
         ref_logp: ``(B, T)`` reference log-probs (``None`` when ``beta == 0``).
         mini, micro: responses per optimiser step / per forward-backward.
-        lengths, micro_tokens: with ``micro_tokens``, micro-batches are packed by token count
-            instead (:func:`token_micro_batches` over ``lengths``, the ``(B,)`` tokens each
-            response's forward processes) and ``micro`` is not used.
-        split: ``mb -> micro-batches``, replacing both (the shared-prefix forward keeps groups
-            together: :func:`egm.rl.prefix.prefix_micro_batches`).
+        split: ``mb -> micro-batches``, replacing ``micro`` (:func:`token_micro_batches` packs by
+            token count; the shared-prefix forward keeps groups together:
+            :func:`egm.rl.prefix.prefix_micro_batches`).
         agg: the loss aggregation, for the normaliser: tokens or sequences.
         seed: seed of the mini-batch shuffle (used when ``epochs > 1`` or ``mini < B``).
 
@@ -144,8 +140,6 @@ def ppo_updates(
         ``ppo_kl``, ``kl``/``entropy`` when computed), ``optimizer_steps``,
         ``minibatch_losses`` and the ``first_minibatch``'s metrics.
     """
-    if micro_tokens is not None and lengths is None:
-        raise ValueError("micro_tokens needs the responses' lengths")
     device = advantages.device
     gen = torch.Generator().manual_seed(seed)
     B = completion_mask.shape[0]
@@ -158,10 +152,7 @@ def ppo_updates(
         for mb in order.split(mini):
             normalizer = global_normalizer(completion_mask[mb], agg, reduce_sum, world, device)
             mb_sums: dict[str, float] = defaultdict(float)
-            if split is not None:
-                micros = split(mb)
-            else:
-                micros = mb.split(micro) if micro_tokens is None else token_micro_batches(mb, lengths, micro_tokens)
+            micros = mb.split(micro) if split is None else split(mb)
             for i, mc in enumerate(micros):
                 begin_micro_batch(i == len(micros) - 1)
                 logp, ent, mask = forward(mc)

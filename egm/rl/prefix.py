@@ -43,7 +43,7 @@ from torch import Tensor
 
 from egm.generation.rollout import Rollout
 from egm.models.base import GroundingAdapter
-from egm.models.head import DEFAULT_CHUNK_TOKENS, hf_model, masked_logprobs, output_head
+from egm.models.head import DEFAULT_CHUNK_TOKENS, hf_model, masked_logprobs, output_head, trunk_hidden_states
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -119,9 +119,10 @@ def packed_positions(ro: Rollout, idx: Sequence[int] | Tensor | None = None) -> 
     """Token positions (rows x padded row length) the shared-prefix forward of ``idx`` computes,
     without building it: the cost a token-budget micro-batcher should count."""
     idx = torch.arange(len(ro)) if idx is None else torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+    prompt_lengths = ro.prompt_lengths.tolist()
     width: dict[int, int] = {}
     for p, n in zip(ro.prompt_index[idx].tolist(), ro.completion_mask[idx].sum(1).tolist()):
-        width[p] = width.get(p, ro.prompt_encodings[p]["input_ids"].shape[-1]) + max(n - 1, 0)
+        width[p] = width.get(p, prompt_lengths[p]) + max(n - 1, 0)
     return len(width) * max(width.values(), default=0)
 
 
@@ -137,25 +138,15 @@ def prefix_micro_batches(ro: Rollout, idx: Tensor | None = None, max_tokens: int
     (every loss is divided by the mini-batch's normaliser).
     """
     idx = torch.arange(len(ro)) if idx is None else torch.as_tensor(idx, dtype=torch.long).reshape(-1)
-    pidx = ro.prompt_index
-    order = idx[torch.argsort(pidx[idx] * len(ro) + idx)].tolist()
-    lengths = ro.completion_mask.sum(1).tolist()
+    order = idx[torch.argsort(ro.prompt_index[idx] * len(ro) + idx)].tolist()
     out: list[list[int]] = []
-    cur: list[int] = []
-    width: dict[int, int] = {}
     for i in order:
-        p = int(pidx[i])
-        w = width.get(p, ro.prompt_encodings[p]["input_ids"].shape[-1]) + max(lengths[i] - 1, 0)
-        cost = (len(width) + (p not in width)) * max(w, *width.values()) if width else w
-        if cur and ((max_tokens is not None and cost > max_tokens)
-                    or (max_responses is not None and len(cur) >= max_responses)):
-            out.append(cur)
-            cur, width = [], {}
-            w = ro.prompt_encodings[p]["input_ids"].shape[-1] + max(lengths[i] - 1, 0)
-        cur.append(i)
-        width[p] = w
-    if cur:
-        out.append(cur)
+        cur = out[-1] if out else None
+        if cur is None or (max_tokens is not None and packed_positions(ro, cur + [i]) > max_tokens) \
+                or (max_responses is not None and len(cur) >= max_responses):
+            out.append([i])
+        else:
+            cur.append(i)
     return [torch.tensor(m, dtype=torch.long) for m in out]
 
 
@@ -257,8 +248,7 @@ def _float_dtype(model: torch.nn.Module) -> torch.dtype:
 
 def shared_prefix_hidden(model: torch.nn.Module, packed: PackedGroups) -> Tensor:
     """``(b, t, H)`` final hidden states (after the final norm) predicting each completion token."""
-    out = hf_model(model).model(**packed.inputs, use_cache=False)
-    h = out.last_hidden_state  # (R, L, H)
+    h = trunk_hidden_states(model, packed.inputs)  # (R, L, H)
     return h.reshape(-1, h.shape[-1])[packed.index]
 
 

@@ -155,7 +155,7 @@ def test_token_budget_micro_batches_give_the_full_batch_gradient(agg, budget):
         ref = pol.full()[0] + 0.1 * torch.randn(B, T, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     W0 = pol.W.detach().clone().requires_grad_(True)
     stats, grads, flags = run(pol, mini=B, micro=1, ref=ref, agg=agg, beta=0.2, gamma=0.03,
-                              lengths=LENGTHS, micro_tokens=budget)
+                              split=lambda mb: token_micro_batches(mb, LENGTHS, budget))
     (expected,) = torch.autograd.grad(reference_loss(pol, torch.arange(B), W0, ref=ref, agg=agg, beta=0.2,
                                                      gamma=0.03), W0)
     torch.testing.assert_close(grads[0], expected, rtol=1e-10, atol=1e-12)
@@ -175,6 +175,3 @@ def test_token_micro_batches_pack_sorted_lengths_by_hand():
     assert padding_fraction(lengths, [torch.arange(6)]) == pytest.approx(1 - 29 / 60)
     with pytest.raises(ValueError, match="max_tokens"):
         token_micro_batches(torch.arange(6), lengths, 0)
-    with pytest.raises(ValueError, match="lengths"):
-        ppo_updates(lambda i: None, None, torch.ones(2, 2), torch.zeros(2), None, None, mini=2, micro=1,
-                    backward=None, optimizer_step=None, micro_tokens=4)
