@@ -57,7 +57,7 @@ demo-budget: install  # the reasoning-token budget curve of `make demo`'s SFT ex
 # into the same root, so seeds can run side by side, and then this target only writes the table
 # (every step whose output exists is skipped).
 demo-seeds: install-test
-	$(TBIN)/egm demo-seeds --seeds [0,1,2] --root runs/seeds
+	$(TBIN)/egm demo-seeds --seeds [0,1,2,3,4] --root runs/seeds
 
 # The opt-in longer schedule (twice the SFT epochs, no GRPO arm): the reasoning ablation again.
 demo-long: install-test

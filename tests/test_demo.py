@@ -59,6 +59,16 @@ def test_demo_runs_end_to_end(tmp_path):
         assert c["after"] / c["n"] == pytest.approx(rl["after GRPO"][split])
     assert (tmp_path / "rl_export" / "model.safetensors").exists()
 
+    # the figure of issue 25: the budget sweep as a curve, box-only and mean-box as points
+    DEMO.boxonly_arm("configs/demo_sft.yaml", tmp_path, 0, n_eval=15, max_epochs=1)
+    sweep = DEMO.demo_budget(root=str(tmp_path), budgets=[0, 16], max_new_tokens=32, answer_tokens=16)
+    assert [r["budget"] for r in sweep["budgets"]] == [0, 16]
+    boxonly = json.loads((tmp_path / "eval" / "boxonly" / "results.json").read_text())
+    assert set(boxonly["splits"]) == {f"test_{d}" for d in ("plain", "attribute", "ordinal", "relation", "amodal")}
+    svg = (tmp_path / "report" / "accuracy_vs_latency.svg").read_text()
+    for text in ("B=0", "B=16", "tiny-Qwen3-VL (box-only SFT)", "mean-box baseline (no model call)"):
+        assert text in svg, text
+
 
 def _mcnemar_reference(a: dict, b: dict) -> tuple[int, int, float]:
     """Exact two-sided McNemar from the binomial pmf in float64 (independent of paired_comparison)."""

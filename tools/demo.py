@@ -212,8 +212,11 @@ def demo_seeds(
     3. ``egm demo-rl --seed N``: validates the reasoning SFT export on the evaluation world
        (``n_eval`` scenes, 400 per split), runs GRPO on it and validates again.
 
+    Then, for the first seed, :func:`demo_budget`: the reasoning-budget sweep of its export and
+    the accuracy-vs-latency figure (budget curve, box-only arm, mean-box baseline).
+
     ``n_train``, ``n_val``, ``max_epochs``, ``max_steps``: as :func:`demo` and :func:`demo_rl`
-    (quick runs); ``report``: write the evaluation report of the first seed; ``grpo=False`` leaves
+    (quick runs); ``report``: the evaluation report and figure of the first seed; ``grpo=False`` leaves
     out the GRPO arm (step 3 then only validates the reasoning export). The summary reports
     every accuracy as mean ± sample standard deviation over the seeds, and
     compares arms with the exact McNemar test on the flips pooled over seeds (pairs are
@@ -234,6 +237,9 @@ def demo_seeds(
             demo_rl(recipe=rl_recipe, root=str(r), seed=seed, threads=threads, max_steps=max_steps, n_eval=n_eval)
         elif not grpo and not (r / "arms" / "reasoning_sft.json").exists():
             reasoning_arm(sft_recipe, r, seed, n_eval)
+    first = root_p / f"seed{seeds[0]}"
+    if report and not (first / "eval" / "boxonly" / "results.json").exists():
+        demo_budget(root=str(first), threads=threads)  # the figure: budget curve, box-only and mean-box points
     summary = seeds_summary(root_p, seeds)
     command = " ".join([f"egm demo-seeds --seeds [{','.join(map(str, seeds))}] --root {root} --threads {threads}",
                         *([f"--max_epochs {max_epochs}"] if max_epochs is not None else []),
@@ -357,25 +363,44 @@ def _rate(records: Sequence[dict]) -> float:
 
 
 def demo_budget(root: str = "runs/demo", budgets: list[int] | None = None, threads: int = 1,
-                answer_tokens: int = 48, max_new_tokens: int = 96) -> dict[str, Any]:
-    """The test-time reasoning budget curve of the SFT demo's export (run ``egm demo`` first).
+                answer_tokens: int = 48, max_new_tokens: int = 144) -> dict[str, Any]:
+    """The test-time reasoning budget curve of the SFT demo's export (run ``egm demo`` first), and
+    the demo's accuracy-vs-latency figure.
 
     ``egm evaluate --reasoning_budget`` on the demo's test splits: each budget caps the reasoning
     at ``B`` tokens and then forces the answer within ``answer_tokens`` (``budgets`` defaults to
-    ``[0, 8, 16, 32, 64, 96]``; 96 is the demo's whole generation budget ``max_new_tokens``, the
-    same decoding as its validation, i.e. unconstrained). Writes
-    ``<root>/eval/budget/budget_sweep.md|json`` and ``budget_curves.png|svg`` (Figure 4 style).
+    ``[0, 8, 16, 32, 48, 64, 144]``; 144 is the demo's whole generation budget ``max_new_tokens``,
+    the same decoding as its validation, i.e. unconstrained; the longest trace is ~80 tokens).
+    Writes ``<root>/eval/budget/budget_sweep.md|json`` and ``budget_curves.png|svg``
+    (Figure 4 style). Then, when the box-only arm's export exists (``egm demo-seeds``), evaluates
+    it on the same splits (``<root>/eval/boxonly``) and writes ``<root>/report``: the
+    accuracy-vs-latency figure with the budget sweep as a curve, the reasoning export and the
+    box-only arm as points, and the mean-box baseline as a point at 0 ms (no model call).
     """
+    from egm.data.manifest import read_manifest
     from egm.eval.checkpoint import evaluate_checkpoint
+    from egm.eval.report import make_report
 
     _set_threads(threads)
     root_p = Path(root)
-    budgets = [0, 8, 16, 32, 64, 96] if budgets is None else list(budgets)
+    budgets = [0, 8, 16, 32, 48, 64, 144] if budgets is None else list(budgets)
     manifests = {f"test_{d}": str(root_p / "data" / f"test_{d}.jsonl") for d in DIFFICULTY_SPLITS}
-    return evaluate_checkpoint(str(root_p / "sft_export"), manifests, str(root_p / "eval" / "budget"),
-                               family="qwen3_vl", model_name="EGM-tiny-Qwen3-VL (SFT demo)", batch_size=40,
-                               max_new_tokens=max_new_tokens, reasoning_budget=budgets,
-                               answer_tokens=answer_tokens)
+    sweep = evaluate_checkpoint(str(root_p / "sft_export"), manifests, str(root_p / "eval" / "budget"),
+                                family="qwen3_vl", model_name="EGM-tiny-Qwen3-VL (SFT demo)", batch_size=40,
+                                max_new_tokens=max_new_tokens, reasoning_budget=budgets,
+                                answer_tokens=answer_tokens)
+    runs = [str(root_p / "eval" / "sft")] if (root_p / "eval" / "sft" / "results.json").exists() else []
+    if (root_p / "boxonly_sft_export").is_dir():
+        evaluate_checkpoint(str(root_p / "boxonly_sft_export"), manifests, str(root_p / "eval" / "boxonly"),
+                            family="qwen3_vl", model_name="tiny-Qwen3-VL (box-only SFT)", batch_size=40,
+                            torch_dtype="float32", device="cpu", max_new_tokens=max_new_tokens)
+        runs.append(str(root_p / "eval" / "boxonly"))
+    train = read_manifest(root_p / "data" / "train.jsonl")
+    mean_box = mean_box_baseline(train, {k: read_manifest(v) for k, v in manifests.items()})
+    make_report(runs, out_dir=str(root_p / "report"), qualitative=4 if runs else 0,
+                budget_sweeps=[str(root_p / "eval" / "budget")],
+                baselines={"mean-box baseline": float(np.mean(list(mean_box.values())))})
+    return sweep
 
 
 def eval_world(root: Path, n_val: int) -> dict[str, str]:
@@ -477,7 +502,7 @@ def _save_arm(path: Path, records: dict[str, dict[str, dict]]) -> None:
     tmp.replace(path)
 
 
-def evaluation_report(checkpoint: str, root: Path, splits: list[str], max_new_tokens: int = 96) -> Path:
+def evaluation_report(checkpoint: str, root: Path, splits: list[str], max_new_tokens: int = 144) -> Path:
     """``egm evaluate`` on the synthetic test splits, then ``egm report`` (tables and figures)."""
     from egm.eval.checkpoint import evaluate_checkpoint
     from egm.eval.report import make_report

@@ -71,7 +71,7 @@ def world(work: Path) -> str:
         p = work / f"img{i}.png"
         if not p.exists():
             Image.fromarray(rng.integers(0, 255, (480, 586, 3), dtype=np.uint8)).save(p)
-        samples.append(Sample(id=f"s{i}", image=str(p), width=586, height=480, sentence=f"the man in red {i}",
+        samples.append(Sample(id=f"s{i}", image=str(p.resolve()), width=586, height=480, sentence=f"the man in red {i}",
                               task="vanilla", box=[40.0, 60.0, 300.0, 420.0], split="refcoco_unc_val",
                               source="smoke", reasoning="The man on the left wears a red shirt."))
     man = work / "refcoco.jsonl"

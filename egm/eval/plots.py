@@ -1,7 +1,8 @@
 """Figures of the paper from evaluation outputs (matplotlib, Agg canvas, no pyplot state).
 
 * :func:`accuracy_vs_latency` - Figure 4: RefCOCO average accuracy vs GPU latency, one point per run
-  (CPU runs: plain latency, and the axis says so).
+  (CPU runs: plain latency, and the axis says so), reasoning-budget sweeps as curves and
+  no-model baselines as points at 0 ms.
 * :func:`qualitative_panels` - Figures 2 and 6: image with the ground truth and the prediction
   (orange), the text prompt and the reasoning wrapped underneath, each panel titled with split,
   success/failure and IoU. The paper draws the ground truth in blue; here it is magenta with a
@@ -65,8 +66,16 @@ def accuracy_vs_latency(
     figsize: tuple[float, float] = (7.0, 5.0),
     dpi: int = 150,
     log_x: bool | None = None,
+    curves: Mapping[str, Sequence[tuple[float, float, str]]] | None = None,
+    baselines: Mapping[str, float] | None = None,
 ) -> list[Path]:
     """Figure 4: Avg. Acc (%) of the eight RefCOCO splits vs GPU latency (ms); writes PNG and SVG.
+
+    ``curves``: ``{name: [(latency_ms, accuracy in [0, 1], point label), ...]}`` drawn as lines,
+    e.g. one checkpoint's reasoning-budget sweep (``B=0`` ... the full trace), which is the
+    paper's thesis in one line: accuracy bought with reasoning tokens, i.e. with latency.
+    ``baselines``: ``{name: accuracy}`` of answers that need no model call (the mean training
+    box), drawn as points at 0 ms; a log axis cannot hold 0, so there they become dashed lines.
 
     A CPU run is placed at its plain latency (no "GPU latency" on a CPU); the axis is "GPU
     latency" only when every point is a GPU run, and names the CPU when every point is on one.
@@ -84,11 +93,26 @@ def accuracy_vs_latency(
         if acc is not None and lat:
             pts.append((r["model"], float(lat), 100.0 * acc))
             devices.add(device_label(r.get("device")) if on_cpu(r) else "GPU")
+    curves = {k: [(float(x), 100.0 * a, lab) for x, a, lab in v if x and a is not None] for k, v in (curves or {}).items()}
+    baselines = dict(baselines or {})
     fig = new_figure(figsize, dpi)
     ax = fig.add_subplot(1, 1, 1)
-    xs = [p[1] for p in pts]
+    xs = [p[1] for p in pts] + [c[0] for v in curves.values() for c in v]
     if log_x is None:
-        log_x = bool(xs) and max(xs) / min(xs) > 10
+        log_x = bool(xs) and max(xs) / min(xs) > 10 and not baselines
+    for name, cpts in curves.items():
+        egm = "EGM" in name
+        ax.plot([c[0] for c in cpts], [c[1] for c in cpts], marker="*" if egm else "o", ms=8 if egm else 5,
+                color=EGM_COLOR if egm else OTHER_COLOR, lw=1.5, label=name, zorder=3)
+        for x, y, lab in cpts:
+            ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    for name, acc in baselines.items():
+        if log_x:
+            ax.axhline(100.0 * acc, color="black", ls="--", lw=1.0, label=f"{name} (no model call)")
+        else:
+            ax.scatter([0.0], [100.0 * acc], marker="X", s=60, color="black", zorder=3)
+            ax.annotate(f"{name} (no model call)", (0.0, 100.0 * acc), textcoords="offset points",
+                        xytext=(5, 4), fontsize=8)
     mid = float(np.median(np.log(xs) if log_x else xs)) if xs else 0.0
     for name, x, y in pts:
         egm = "EGM" in name
@@ -108,6 +132,8 @@ def accuracy_vs_latency(
         ax.set_xlabel("Latency (ms)" + (f" on {devices.pop()}" if len(devices) == 1 else " on CPU"))
     ax.set_ylabel(f"{labels.pop() if len(labels) == 1 else 'Avg. Acc'} (%)")
     ax.set_title("Accuracy vs. efficiency")
+    if curves or (baselines and log_x):
+        ax.legend(fontsize=7, loc="lower right")
     ax.grid(True, alpha=0.3)
     fig.subplots_adjust(left=0.12, right=0.95, bottom=0.12, top=0.92)
     return save_png_svg(fig, out_stem, dpi)

@@ -181,6 +181,20 @@ def write_tables(results: Sequence[dict[str, Any]], out_dir: str | os.PathLike) 
     return paths
 
 
+def budget_curve(path: str | os.PathLike) -> tuple[str, list[tuple[float, float, str]]]:
+    """``(model, [(latency_ms, macro accuracy, "B=<budget>"), ...])`` of a ``budget_sweep.json``
+    (or the folder holding it), in budget order; budgets without latency are left out."""
+    p = Path(path)
+    p = p / "budget_sweep.json" if p.is_dir() else p
+    try:
+        sweep = json.loads(p.read_text())
+        rows = sorted(sweep["budgets"], key=lambda r: r["budget"])
+        pts = [(r["latency_mean_ms"], r["macro_avg"], f"B={r['budget']}") for r in rows if r.get("latency_mean_ms")]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{p}: not a budget sweep summary (budget_sweep.json): {e}") from e
+    return f"{sweep.get('model', 'model')}: reasoning budget", pts
+
+
 def make_report(
     results: list[str],
     out_dir: str = "reports",
@@ -188,6 +202,8 @@ def make_report(
     histogram: bool = True,
     qualitative: int = 0,
     seed: int = 0,
+    budget_sweeps: list[str] | None = None,
+    baselines: dict[str, float] | None = None,
 ) -> dict[str, str]:
     """Tables 3/4 + efficiency (Markdown, CSV), the Figure 4 plot and IoU histograms from results files.
 
@@ -199,14 +215,19 @@ def make_report(
         qualitative: number of Figure 2/6-style panels per run (0 = none): half failures, half
             successes when both exist, seeded.
         seed: seed of the qualitative sample choice.
+        budget_sweeps: ``budget_sweep.json`` files (``egm evaluate --reasoning_budget [...]``) or
+            their folders, drawn in the figure as curves: macro accuracy vs latency per budget.
+        baselines: ``{name: accuracy in [0, 1]}`` of answers without a model call (e.g. the
+            mean training box), drawn as points at 0 ms.
     """
     from egm.eval import plots  # matplotlib only when a figure is asked for
 
     loaded = load_results(results)
     out = Path(out_dir)
     written = {k: str(v) for k, v in write_tables(loaded, out).items()}
-    if figure and any(reported_latency(r) for r in loaded):
-        for p in plots.accuracy_vs_latency(loaded, out / "accuracy_vs_latency"):
+    curves = dict(budget_curve(p) for p in budget_sweeps or [])
+    if figure and (any(reported_latency(r) for r in loaded) or curves):
+        for p in plots.accuracy_vs_latency(loaded, out / "accuracy_vs_latency", curves=curves, baselines=baselines):
             written[p.name] = str(p)
     for src, r in zip(results, loaded):
         pred_dir = (Path(src) if Path(src).is_dir() else Path(src).parent) / "predictions"

@@ -32,6 +32,7 @@ from __future__ import annotations
 import filecmp
 import hashlib
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from egm.models.real import PRETOKENIZE_REGEX, build_folder, make_real  # Qwen2'
 
 FAMILIES = ("qwen3_vl", "internvl")
 _MARKER = "egm_tiny.json"
-_VERSION = 2
+_VERSION = 3
 # Init scales for grounding from scratch (see _init_for_grounding).
 QK_INIT_SCALE = 4.0
 VISION_POS_INIT_STD = 1.0
@@ -300,6 +301,32 @@ def _init_for_grounding(model: torch.nn.Module) -> None:
         # Qwen3-VL: visual.pos_embed (an Embedding); InternVL: vision_tower.embeddings.position_embeddings
         if name.endswith(("visual.pos_embed.weight", "vision_tower.embeddings.position_embeddings")):
             p.normal_(0.0, VISION_POS_INIT_STD)
+            rows = p.shape[-2]
+            g, cls = next(((int(math.isqrt(rows - c)), c) for c in (0, 1) if math.isqrt(rows - c) ** 2 == rows - c), (0, 0))
+            if g > 1 and p.shape[-1] % 4 == 0:  # InternVL keeps its class-token row (cls = 1) random
+                p.view(-1, rows, p.shape[-1])[:, cls:] = VISION_POS_INIT_STD * sincos_grid(g, p.shape[-1])
+
+
+def sincos_grid(grid: int, dim: int) -> torch.Tensor:
+    """``(grid * grid, dim)`` 2-D sine-cosine position code, row-major, per-element std ~1.
+
+    Half the channels code the row, half the column, each with ``dim / 4`` frequencies spread
+    geometrically from a quarter turn across the whole grid to a quarter turn per patch. The
+    lowest one is monotonic over the grid, so a box coordinate is a linear read-out of the code
+    of the object's patches from the first step; a random code (std 1) would have to be
+    memorised patch by patch instead, and whether that happens within the demo's budget was a
+    matter of the seed (issue 25).
+    """
+    n = dim // 4
+    omega = (math.pi / 2) * (1.0 / grid) ** (1 - torch.arange(n, dtype=torch.float64) / max(n - 1, 1))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    parts = []
+    for coord in (ys.reshape(-1), xs.reshape(-1)):
+        ang = coord[:, None] * omega[None]
+        parts += [ang.sin(), ang.cos()]
+    code = torch.cat(parts, dim=1)
+    code = code - code.mean(0)
+    return (code / code.std()).float()
 
 
 def _same_tree(a: Path, b: Path) -> bool:

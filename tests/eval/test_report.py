@@ -3,6 +3,7 @@
 import csv
 import json
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -209,3 +210,27 @@ def test_qualitative_ground_truth_box_is_visible_on_a_blue_object(tmp_path):
 
     svg = qualitative_panels([rec, {**rec, "split": "val_relation", "iou": 0.1}], tmp_path / "q.svg").read_text()
     assert "val_plain | success | IoU 0.80" in svg and "val_relation | failure | IoU 0.10" in svg
+
+
+def test_report_figure_draws_the_budget_curve_and_baselines(tmp_path, result_files):
+    """Issue 25 item 4: the accuracy-vs-latency figure carries a reasoning-budget sweep as a
+    curve (read from budget_sweep.json, budget order, macro accuracy) and no-model baselines."""
+    from egm.errors import InputError
+    from egm.eval.report import budget_curve
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    rows = [{"budget": b, "latency_mean_ms": lat, "macro_avg": acc, "accuracy": {}} for b, lat, acc in
+            [(32, 30.0, 0.41), (0, 12.5, 0.20), (144, 55.0, 0.52), (8, None, 0.3)]]
+    (sweep / "budget_sweep.json").write_text(json.dumps({"model": "EGM-tiny", "budgets": rows}))
+    name, pts = budget_curve(sweep)
+    assert name == "EGM-tiny: reasoning budget"
+    assert pts == [(12.5, 0.20, "B=0"), (30.0, 0.41, "B=32"), (55.0, 0.52, "B=144")]  # sorted; no latency: left out
+    written = make_report([str(result_files[0])], out_dir=str(tmp_path / "rep"), histogram=False,
+                          budget_sweeps=[str(sweep / "budget_sweep.json")], baselines={"mean-box baseline": 0.025})
+    svg = Path(written["accuracy_vs_latency.svg"]).read_text()
+    for text in ("B=0", "B=32", "B=144", "mean-box baseline (no model call)", "EGM-tiny: reasoning budget"):
+        assert text in svg, text
+    (sweep / "budget_sweep.json").write_text("{}")
+    with pytest.raises(InputError, match="budget_sweep.json"):
+        budget_curve(sweep)

@@ -148,3 +148,29 @@ def test_check_weights_names_the_truncated_shard(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(InputError, match=rf"^{shard}: unreadable weights \(.*file not fully covered\)"):
         check_weights(tmp_path)
+
+
+def test_vision_position_code_is_a_smooth_grid_code(tiny_dirs):
+    """Issue 25: the tiny vision towers start with a 2-D sine-cosine position code (std 1), from
+    which a patch's row and column are an exact linear read-out; InternVL's class-token row
+    stays random. Checked on the written checkpoints of both families."""
+    from egm.models.tiny import sincos_grid
+
+    code = sincos_grid(8, 64).double()
+    assert code.shape == (64, 64) and code.std().item() == pytest.approx(1.0, abs=1e-6)
+    A = torch.cat([code, torch.ones(64, 1, dtype=torch.float64)], 1)
+    rows, cols = torch.arange(8.0).repeat_interleave(8).double(), torch.arange(8.0).repeat(8).double()
+    for target in (rows, cols):
+        fit = A @ (torch.linalg.pinv(A) @ target)
+        assert (fit - target).abs().max().item() < 1e-9
+    # neighbouring patches are closer in code space than distant ones (a smooth code, not a lookup table)
+    d = torch.cdist(code, code)
+    assert d[0, 1] < d[0, 7] and d[0, 8] < d[0, 56]
+    for family in FAMILIES:
+        model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_dirs[family])
+        name, p = next((n, p) for n, p in model.named_parameters()
+                       if n.endswith(("visual.pos_embed.weight", "vision_tower.embeddings.position_embeddings")))
+        p = p.detach().reshape(-1, p.shape[-1])
+        cls = p.shape[0] - int(p.shape[0] ** 0.5) ** 2  # InternVL: one class-token row first
+        g = int((p.shape[0] - cls) ** 0.5)
+        torch.testing.assert_close(p[cls:], sincos_grid(g, p.shape[-1]), rtol=0, atol=1e-6, msg=name)

@@ -19,7 +19,7 @@ import re
 from collections.abc import Sequence
 
 from egm.data.manifest import Sample
-from egm.data.synthetic.expressions import resolve
+from egm.data.synthetic.expressions import centre, relation_holds, resolve
 from egm.data.synthetic.world import ORDINALS
 from egm.geometry import MIN_PIXELS, MIN_RATIO, amount_term, expansion
 
@@ -88,16 +88,58 @@ def _desc(o: dict) -> str:
     return f"{o['colour']} {o['shape']}"
 
 
+def _listing(parts: list[str]) -> str:
+    """``"a, b and c"``."""
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _side(of: Sequence[float], ref: Sequence[float]) -> str:
+    """Which side of box ``ref`` box ``of`` lies on, by centres: ``"right"``, ``"lower left"``, ...
+
+    A component counts when the centres differ by more than a quarter of ``ref``'s extent on that
+    axis, so that an occluder straight above reads ``"upper"``, not ``"upper left"``.
+    """
+    dx = (of[0] + of[2] - ref[0] - ref[2]) / 2
+    dy = (of[1] + of[3] - ref[1] - ref[3]) / 2
+    w, h = max(ref[2] - ref[0], 1e-9), max(ref[3] - ref[1], 1e-9)
+    v = "upper" if dy < -h / 4 else "lower" if dy > h / 4 else ""
+    u = "left" if dx < -w / 4 else "right" if dx > w / 4 else ""
+    if v and u:
+        return f"{v} {u}"
+    return {"upper": "top", "lower": "bottom"}.get(v, v) or u or "middle"
+
+
 def synthetic_trace(sample: Sample) -> str:
-    """Reasoning trace of a synthetic-world sample (needs the ``meta`` the generator writes)."""
+    """Reasoning trace of a synthetic-world sample (needs the ``meta`` the generator writes).
+
+    Each trace works the choice out in the order a model can say it one token at a time, and
+    names the target's coarse location last (:func:`named_region`):
+
+    * ordinal: the candidates of the target's shape in the order the expression counts, each
+      with its location, then the n-th (paper Fig. 6: "count ... from the rightmost ... The
+      third person in this sequence is the target");
+    * relation: the anchor's location first, then each candidate and whether the relation holds;
+    * attribute: each candidate with its value of the attribute asked for, then the one that has it;
+    * amodal: the visible part's location, the occluder and the side it covers, then the
+      extension (paper Fig. 12: "The seated man is causing the occlusion ... extend moderately
+      to the right and considerably downward").
+    """
     m = sample.meta
     objs, t, expr = m["objects"], m["target"], m["expression"]
     W, H = sample.width, sample.height
     target = objs[t]
     loc = location_phrase(sample.visible_box if sample.task == "amodal" else sample.box, W, H)
-    same_shape = [o for o in objs if o["shape"] == expr["shape"]]
-    k, shape = len(same_shape), expr["shape"]
+    shape = expr["shape"]
+    cands = [i for i, o in enumerate(objs) if o["shape"] == shape]
+    k = len(cands)
     d = m["difficulty"]
+
+    def where(i: int) -> str:
+        return location_phrase(objs[i]["box"], W, H)
+
+    def reading_order(ids: list[int]) -> list[int]:
+        return sorted(ids, key=lambda i: (centre(objs[i])[0], centre(objs[i])[1]))
+
     if d == "plain":
         others = sorted({o["shape"] + "s" for o in objs if o["shape"] != shape})
         if not others:  # the demo layout's plain scenes hold the target alone
@@ -105,21 +147,29 @@ def synthetic_trace(sample: Sample) -> str:
         return (f"The other objects are {' and '.join(others)}, and there is only one {shape}, "
                 f"{loc}, so it is the target.")
     if d == "attribute":
-        attr = expr.get("colour") or expr.get("size")
-        return f"There are {_n(k)} {shape}s; only one of them is {attr}, the one {loc}, so it is the target."
+        key = "colour" if expr.get("colour") else "size"
+        listed = [f"the {objs[i][key]} one is {where(i)}" for i in reading_order(cands)]
+        return (f"Of the {_n(k)} {shape}s, {_listing(listed)}, so the target is the {expr[key]} one, {loc}.")
     if d == "ordinal":
-        return (f"There are {_n(k)} identical {shape}s; counting from the {expr['direction']}, the "
-                f"{ORDINALS[expr['ordinal'] - 1]} one is {loc}, so it is the target.")
+        axis, rev = {"left": (0, False), "right": (0, True), "top": (1, False), "bottom": (1, True)}[expr["direction"]]
+        ranked = sorted(cands, key=lambda i: centre(objs[i])[axis], reverse=rev)
+        listed = [f"the {ORDINALS[r]} is {where(i)}" for r, i in enumerate(ranked[:len(ORDINALS)])]
+        return (f"Counting the {_n(k)} {shape}s from the {expr['direction']}, {_listing(listed)}. "
+                f"The {ORDINALS[expr['ordinal'] - 1]} one, {loc}, is the target.")
     if d == "relation":
         a = resolve(expr["anchor"], objs)[0]
-        aloc = location_phrase(objs[a]["box"], W, H)
-        return (f"The {_desc(objs[a])} is {aloc}. Of the {_n(k)} {shape}s, only the one {loc} is "
-                f"{expr['relation']} it, so it is the target.")
+        rel = expr["relation"]
+        listed = [f"the one {where(i)} is {'' if relation_holds(objs[i], objs[a], rel) else 'not '}{rel} it"
+                  for i in reading_order([i for i in cands if i != a])]
+        return (f"The {_desc(objs[a])} is {location_phrase(objs[a]['box'], W, H)}. Of the {_n(len(listed))} "
+                f"{shape}s, {_listing(listed)}, so the target is the one {loc}.")
     if d == "amodal":
         occ = objs[m["occluder"]]
         g = guidance_text(amodal_guidance(sample.visible_box, sample.box))
-        return (f"The {_desc(target)} {loc} is partly hidden by the {_desc(occ)} on top of it. "
-                f"Its full shape is a whole {shape}, so extend the visible part {g}.")
+        side = _side(occ["box"], sample.visible_box)
+        cover = "" if side == "middle" else f", at its {side} side"
+        return (f"The visible part of the {_desc(target)} is {loc}, and the {_desc(occ)} on top of it hides "
+                f"the rest{cover}. The whole {shape} extends {g}.")
     raise ValueError(f"sample {sample.id}: unknown difficulty {d!r}")
 
 
