@@ -395,7 +395,7 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
                            agg=h.agg, seed=self.rollout_seed(),
                            begin_micro_batch=lambda last: begin_micro_batch(self._trainer, last),
                            reduce_sum=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), world=world,
-                           split=functools.partial(self.micro_batches, ro))
+                           split=functools.partial(self.micro_batches, ro), group=h.n_samples)
 
 
 def _sampling(p: SamplingParams | dict) -> SamplingParams:

@@ -117,6 +117,7 @@ def ppo_updates(
     reduce_sum: Callable[[Tensor], Tensor] | None = None,
     world: int = 1,
     split: Callable[[Tensor], list[Tensor]] | None = None,
+    group: int = 1,
 ) -> dict[str, Any]:
     """``epochs`` x mini-batches of optimiser steps over one rollout batch (module docstring).
 
@@ -134,6 +135,10 @@ def ppo_updates(
             :func:`egm.rl.prefix.prefix_micro_batches`).
         agg: the loss aggregation, for the normaliser: tokens or sequences.
         seed: seed of the mini-batch shuffle (used when ``epochs > 1`` or ``mini < B``).
+        group: responses ``[k * group, (k + 1) * group)`` share a prompt; the shuffle moves whole
+            groups, so that a mini-batch of a multiple of ``group`` responses holds whole groups
+            and the shared-prefix forward encodes each prompt once per micro-batch instead of
+            once per stray response (the gradient of a mini-batch does not depend on its order).
 
     Returns:
         metrics averaged over the optimiser steps (``loss``, ``pg_loss``, ``clip_frac``,
@@ -148,7 +153,12 @@ def ppo_updates(
     mb_losses: list[float] = []
     first_mb: dict[str, float] = {}
     for _ in range(epochs):
-        order = torch.randperm(B, generator=gen) if shuffle else torch.arange(B)
+        if not shuffle:
+            order = torch.arange(B)
+        elif group > 1 and B % group == 0:
+            order = (torch.randperm(B // group, generator=gen)[:, None] * group + torch.arange(group)).reshape(-1)
+        else:
+            order = torch.randperm(B, generator=gen)
         for mb in order.split(mini):
             normalizer = global_normalizer(completion_mask[mb], agg, reduce_sum, world, device)
             mb_sums: dict[str, float] = defaultdict(float)

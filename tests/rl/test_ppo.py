@@ -113,6 +113,25 @@ def test_several_mini_batches_and_epochs_step_on_exactly_what_they_saw():
     assert stats["clip_frac"] > 0  # the SGD steps moved the ratios past 1 +- 0.2
 
 
+def test_shuffle_moves_whole_groups():
+    """``group``: with G = 2 responses per prompt and a mini-batch of one group, every optimiser
+    step sees exactly one whole group, and every epoch sees every group once (what the
+    shared-prefix forward needs to encode each prompt once per micro-batch)."""
+    pol = ToyPolicy(seed=3)
+    with torch.no_grad():
+        old = pol.full()[0]
+    stats, _, _ = run(pol, mini=2, micro=2, epochs=3, old=old, lr=0.5, seed=11, group=2)
+    steps = [sorted(s) for s in pol.seen]
+    assert stats["optimizer_steps"] == 9 and len(steps) == 9
+    assert all(s in ([0, 1], [2, 3], [4, 5]) for s in steps), steps
+    for e in range(3):
+        assert sorted(sum(steps[3 * e:3 * e + 3], [])) == list(range(B))
+    assert len({tuple(map(tuple, steps[3 * e:3 * e + 3])) for e in range(3)}) > 1  # shuffled, not fixed
+    pol2 = ToyPolicy(seed=3)
+    run(pol2, mini=2, micro=2, epochs=3, old=old, lr=0.5, seed=11)  # group 1: responses mix across prompts
+    assert any(sorted(s) not in ([0, 1], [2, 3], [4, 5]) for s in pol2.seen)
+
+
 def test_two_ranks_average_to_the_global_batch_gradient():
     """Two ranks with different token counts, normalised by the global count over the world
     (reduce_sum) and then averaged as DDP does, give the one-process gradient of the whole batch."""
