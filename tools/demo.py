@@ -91,6 +91,7 @@ def demo(
     object_scale: float = 1.6,
     max_objects: int = 1,
     report: bool = True,
+    vision_position: str = "sincos",
 ) -> dict[str, dict[str, float]]:
     """Run the CPU demo (see module docstring); returns ``{row: {split: accuracy}}``.
 
@@ -110,6 +111,8 @@ def demo(
             the target), so that a from-scratch 1 M-parameter model learns *where* things are
             within the CPU budget; with the standard world it stays at chance (measured).
         report: evaluate the export on the test splits and write the report.
+        vision_position: the tiny vision tower's initial position code, "sincos" or "random"
+            (:func:`egm.models.tiny.make_tiny`; the comparison in docs/demo.md).
     """
     from egm.data.synthetic import make_synthetic
     from egm.models.tiny import make_tiny
@@ -117,7 +120,7 @@ def demo(
     _set_threads(threads)
     t0 = time.perf_counter()
     root_p = Path(root)
-    make_tiny("qwen3_vl", root_p / "tiny_qwen3vl", init_seed=seed)
+    make_tiny("qwen3_vl", root_p / "tiny_qwen3vl", init_seed=seed, vision_position=vision_position)
     make_synthetic(str(root_p / "data"), n_train=n_train, n_val=n_val, n_test=n_val,
                    object_scale=object_scale, max_objects=max_objects)
     run = _fit_between_validations(recipe, root_p, seed, {"trainer.max_epochs": max_epochs})

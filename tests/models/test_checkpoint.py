@@ -10,6 +10,7 @@ import torch
 import transformers
 from PIL import Image
 
+from egm.errors import InputError
 from egm.models import InternVLAdapter, LoraSettings, Qwen3VLAdapter
 from egm.models.tiny import FAMILIES, make_tiny
 
@@ -150,7 +151,7 @@ def test_check_weights_names_the_truncated_shard(tmp_path):
         check_weights(tmp_path)
 
 
-def test_vision_position_code_is_a_smooth_grid_code(tiny_dirs):
+def test_vision_position_code_is_a_smooth_grid_code(tiny_dirs, tmp_path):
     """Issue 25: the tiny vision towers start with a 2-D sine-cosine position code (std 1), from
     which a patch's row and column are an exact linear read-out; InternVL's class-token row
     stays random. Checked on the written checkpoints of both families."""
@@ -174,3 +175,10 @@ def test_vision_position_code_is_a_smooth_grid_code(tiny_dirs):
         cls = p.shape[0] - int(p.shape[0] ** 0.5) ** 2  # InternVL: one class-token row first
         g = int((p.shape[0] - cls) ** 0.5)
         torch.testing.assert_close(p[cls:], sincos_grid(g, p.shape[-1]), rtol=0, atol=1e-6, msg=name)
+    # the earlier init, kept for the comparison of docs/demo.md: random numbers of the same scale
+    rnd = make_tiny("qwen3_vl", tmp_path / "random", vision_position="random")
+    p = transformers.AutoModelForImageTextToText.from_pretrained(rnd).model.visual.pos_embed.weight.detach()
+    assert p.std().item() == pytest.approx(1.0, abs=0.05)
+    assert (p - sincos_grid(8, 64)).abs().max().item() > 1.0
+    with pytest.raises(InputError, match="vision_position"):
+        make_tiny("qwen3_vl", tmp_path / "bad", vision_position="learned")
