@@ -99,6 +99,55 @@ def prompt_encoding(family: str, ad, cfg, n_text: int, gen: torch.Generator) -> 
             "pixel_values": torch.randn(tiles, 3, 448, 448, generator=gen)}
 
 
+def lm_macs(text: dict, tokens: int, context: float) -> float:
+    """Forward multiply-adds of ``tokens`` positions through the language model's layers, each
+    attending to ``context`` positions on average (linear layers + attention scores/values)."""
+    h, L, inter = text["hidden_size"], text["num_hidden_layers"], text["intermediate_size"]
+    nh, nkv = text["num_attention_heads"], text["num_key_value_heads"]
+    hd = text.get("head_dim") or h // nh
+    per_token = L * (2 * h * nh * hd + 2 * h * nkv * hd + 3 * h * inter + 2 * nh * hd * context)
+    return tokens * per_token
+
+
+def vision_macs(hidden: int, depth: int, inter: int, patches: int, window: int) -> float:
+    """Forward multiply-adds of a ViT over ``patches`` patches, attention within ``window`` patches."""
+    return depth * patches * (4 * hidden * hidden + 2 * hidden * inter + 2 * hidden * window)
+
+
+def predicted_speedup(text: dict, vocab: int, vision: float, P: int, G: int, C: int) -> float:
+    """Per-response / shared-prefix forward compute of one group (the backward scales alike):
+    per response, G x (vision + LM over P + C positions); shared, the vision and the P prompt
+    positions once plus G x C completion positions; the head (hidden x vocab) runs on the G x C
+    completion tokens in both. The head is why a narrow trunk caps the gain: at hidden 512 it
+    costs ~3x a layer stack of 8 per completion token."""
+    head = G * C * text["hidden_size"] * vocab
+    prompt = lm_macs(text, P, P / 2)
+    completion = G * lm_macs(text, C, P + C / 2)
+    per_response = G * (vision + prompt) + completion + head
+    shared = vision + prompt + completion + head
+    return per_response / shared
+
+
+def cost_model_rows(a, P: int) -> list[tuple[str, float]]:
+    """Predicted speed-ups at this run's shape for this bench's model and the released sizes."""
+    from egm.models.real import ARCHITECTURES
+
+    fam = a.family
+    if fam == "qwen3_vl":
+        patches, window = 30 * 36, 30 * 36  # one 586x480 image: full attention over its patches
+    else:
+        patches, window = 7 * 1024, 1024  # 7 tiles of 32 x 32 patches, attention within a tile
+    bench_text = dict(hidden_size=a.hidden, num_hidden_layers=a.layers, intermediate_size=3 * a.hidden,
+                      num_attention_heads=a.hidden // 64, num_key_value_heads=max(a.hidden // 128, 1), head_dim=64)
+    rows = [(f"this bench (hidden {a.hidden} x {a.layers})", predicted_speedup(
+        bench_text, VOCAB, vision_macs(a.vision_hidden, a.vision_depth, 4 * a.vision_hidden, patches, window), P, a.G, a.C))]
+    for size, arch in ARCHITECTURES[fam].items():
+        v = arch["vision"]
+        vis = vision_macs(v["hidden_size"], v.get("depth") or v["num_hidden_layers"], v["intermediate_size"], patches, window)
+        rows.append((f"released {size}", predicted_speedup(arch["text"], arch["text"]["vocab_size"], vis, P, a.G, a.C)))
+    return rows
+
+
 def rollout(ad, encs, G: int, C: int):
     from egm.generation.rollout import Rollout
 
@@ -210,6 +259,9 @@ def main() -> None:
         print(f"{phase:<8}{pr:>16.2f}{sh:>12.2f}{pr / sh:>9.2f}x")
     tot = {p: statistics.median(sum(t.values()) for t in ts) for p, ts in times.items()}
     print(f"{'all':<8}{tot['per_response']:>16.2f}{tot['shared']:>12.2f}{tot['per_response'] / tot['shared']:>9.2f}x")
+    print("cost model (forward multiply-adds, egm-independent arithmetic), predicted speed-up at this shape:")
+    for name, r in cost_model_rows(a, P):
+        print(f"  {name:<32}{r:>6.2f}x")
     if mem:
         print(f"peak RSS growth of one round: per response {mem['per_response']:.2f} GiB, "
               f"shared prefix {mem['shared']:.2f} GiB (ratio {mem['per_response'] / mem['shared']:.2f}x)")
