@@ -18,6 +18,12 @@ RSS after building the models (``VmHWM - VmRSS``, Linux), so the two paths do no
 
     .venv-test/bin/python tools/bench_prefix.py --family qwen3_vl --G 16 --C 120
     .venv-test/bin/python tools/bench_prefix.py --family internvl --G 16 --C 120
+    .venv-test/bin/python tools/bench_prefix.py --family qwen3_vl --trl   # + TRL GRPOTrainer's scoring
+
+``--trl`` adds a third path: TRL's scoring as its ``GRPOTrainer`` runs it on the same model and
+inputs (a whole-sequence forward per response, ``logits_to_keep``, ``selective_log_softmax``,
+entropy without gradient). A cost model (:func:`predicted_speedup`) prints the speed-up the
+arithmetic predicts for this trunk and for the released sizes.
 """
 
 from __future__ import annotations
@@ -166,6 +172,15 @@ def logprobs(path: str, model, ad, ro, idx, grad: bool):
         logp, ent, _, mask = shared_prefix_logprobs(model, ad, ro, idx, 0.7, grad, grad)
         return logp, ent, mask
     inputs, comp, mask = ro.model_inputs(ad, idx)
+    if path == "trl":  # TRL GRPOTrainer's scoring: the whole sequence per response, logits of the
+        # last C + 1 positions, temperature, selective_log_softmax; its entropy takes no gradient
+        from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+        logits = model(**inputs, logits_to_keep=comp.shape[1] + 1).logits[:, :-1] / 0.7
+        logp = selective_log_softmax(logits, comp)
+        with torch.no_grad():
+            ent = entropy_from_logits(logits)
+        return logp, ent, mask
     logp, ent = token_logprobs(model, inputs, comp, 0.7, grad, grad, completion_mask=mask)
     return logp, ent, mask
 
@@ -218,7 +233,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
-    ap.add_argument("--child", choices=["shared", "per_response"], help=argparse.SUPPRESS)
+    ap.add_argument("--trl", action="store_true", help="also TRL's scoring (needs trl; the test venv has it)")
+    ap.add_argument("--child", choices=["shared", "per_response", "trl"], help=argparse.SUPPRESS)
     return ap.parse_args()
 
 
@@ -228,6 +244,9 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     from egm.models.tiny import tiny_checkpoint
 
+    if a.trl:
+        import trl.trainer.utils  # noqa: F401  (imported before timing)
+
     with tempfile.TemporaryDirectory() as d:
         ad, model, ref, encs = build(a.family, a, tiny_checkpoint(a.family, Path(d) / "tiny"))
         ro = rollout(ad, encs, a.G, a.C)
@@ -236,7 +255,7 @@ def main() -> None:
             run_round(a.child, ad, model, ref, ro, a.micro)
             print(json.dumps({"peak_gib": vm("VmHWM") - base}))
             return
-        times: dict[str, list[dict[str, float]]] = {"per_response": [], "shared": []}
+        times: dict[str, list[dict[str, float]]] = {"per_response": [], "shared": [], **({"trl": []} if a.trl else {})}
         for _ in range(a.repeat):
             for path in times:
                 times[path].append(run_round(path, ad, model, ref, ro, a.micro))
@@ -252,19 +271,22 @@ def main() -> None:
           f"{torch.get_num_threads()} thread(s), CPU, median of {a.repeat}")
     print(f"LM token positions per pass: per response {a.prompts * a.G * (P + a.C)}, "
           f"shared prefix {a.prompts * (P + a.G * (a.C - 1))}")
-    print(f"{'phase':<8}{'per response s':>16}{'shared s':>12}{'speed-up':>10}")
-    for phase in ("old", "ref", "update"):
-        pr = statistics.median(t[phase] for t in times["per_response"])
-        sh = statistics.median(t[phase] for t in times["shared"])
-        print(f"{phase:<8}{pr:>16.2f}{sh:>12.2f}{pr / sh:>9.2f}x")
-    tot = {p: statistics.median(sum(t.values()) for t in ts) for p, ts in times.items()}
-    print(f"{'all':<8}{tot['per_response']:>16.2f}{tot['shared']:>12.2f}{tot['per_response'] / tot['shared']:>9.2f}x")
+    trl = "trl" in times
+    print(f"{'phase':<8}{'per response s':>16}{'shared s':>12}{'speed-up':>10}"
+          + (f"{'TRL s':>10}{'TRL / shared':>14}" if trl else ""))
+    med = {p: {ph: statistics.median(t[ph] for t in ts) for ph in ("old", "ref", "update")} for p, ts in times.items()}
+    for p in med:
+        med[p]["all"] = statistics.median(sum(t.values()) for t in times[p])
+    for phase in ("old", "ref", "update", "all"):
+        pr, sh = med["per_response"][phase], med["shared"][phase]
+        print(f"{phase:<8}{pr:>16.2f}{sh:>12.2f}{pr / sh:>9.2f}x"
+              + (f"{med['trl'][phase]:>10.2f}{med['trl'][phase] / sh:>13.2f}x" if trl else ""))
     print("cost model (forward multiply-adds, egm-independent arithmetic), predicted speed-up at this shape:")
     for name, r in cost_model_rows(a, P):
         print(f"  {name:<32}{r:>6.2f}x")
     if mem:
-        print(f"peak RSS growth of one round: per response {mem['per_response']:.2f} GiB, "
-              f"shared prefix {mem['shared']:.2f} GiB (ratio {mem['per_response'] / mem['shared']:.2f}x)")
+        print("peak RSS growth of one round: " + ", ".join(f"{p} {g:.2f} GiB" for p, g in mem.items())
+              + f" (per response / shared {mem['per_response'] / mem['shared']:.2f}x)")
 
 
 if __name__ == "__main__":
