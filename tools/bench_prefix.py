@@ -121,16 +121,17 @@ def vision_macs(hidden: int, depth: int, inter: int, patches: int, window: int) 
 
 
 def predicted_speedup(text: dict, vocab: int, vision: float, P: int, G: int, C: int) -> float:
-    """Per-response / shared-prefix forward compute of one group (the backward scales alike):
-    per response, G x (vision + LM over P + C positions); shared, the vision and the P prompt
-    positions once plus G x C completion positions; the head (hidden x vocab) runs on the G x C
-    completion tokens in both. The head is why a narrow trunk caps the gain: at hidden 512 it
-    costs ~3x a layer stack of 8 per completion token."""
+    """Per-response / shared-prefix forward compute of one group (the backward scales alike), as
+    the two paths compute it: per response, G x (vision + LM over P + C positions, each scored
+    against the P + C keys of its padded row); shared, the vision once and one row of
+    L = P + G C positions under a dense 4-D mask (every query scored against all L keys); the
+    head (hidden x vocab) on the G x C completion tokens in both. The head is why a narrow trunk
+    caps the gain (at hidden 512 it costs ~3x a stack of 8 layers per completion token), and the
+    dense row's L^2 attention why long responses do (docs/shared_prefix.md)."""
     head = G * C * text["hidden_size"] * vocab
-    prompt = lm_macs(text, P, P / 2)
-    completion = G * lm_macs(text, C, P + C / 2)
-    per_response = G * (vision + prompt) + completion + head
-    shared = vision + prompt + completion + head
+    L = P + G * C
+    per_response = G * (vision + lm_macs(text, P + C, P + C)) + head
+    shared = vision + lm_macs(text, L, L) + head
     return per_response / shared
 
 

@@ -337,3 +337,24 @@ def _sampling():
     from egm.generation.sampling import SamplingParams
 
     return SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=4)
+
+
+def test_bench_cost_model_by_hand():
+    """tools/bench_prefix.py's cost model: one layer, one head of 64, no vision and no head
+    vocabulary, checked against multiply-adds counted by hand; then the head and vision terms."""
+    from egm.cli import load_script
+
+    bp = load_script("tools/bench_prefix.py")
+    text = dict(hidden_size=64, num_hidden_layers=1, intermediate_size=128, num_attention_heads=1,
+                num_key_value_heads=1, head_dim=64)
+    per_token_linear = 4 * 64 * 64 + 3 * 64 * 128  # q, k, v, o projections + gate, up, down
+    assert bp.lm_macs(text, 10, 7) == 10 * (per_token_linear + 2 * 64 * 7)
+    P, G, C = 30, 4, 5
+    L = P + G * C
+    per_response = G * (P + C) * (per_token_linear + 2 * 64 * (P + C))
+    shared = L * (per_token_linear + 2 * 64 * L)
+    assert bp.predicted_speedup(text, 0, 0.0, P, G, C) == pytest.approx(per_response / shared, rel=1e-12)
+    head = G * C * 64 * 1000
+    assert bp.predicted_speedup(text, 1000, 5e6, P, G, C) == pytest.approx(
+        (per_response + G * 5e6 + head) / (shared + 5e6 + head), rel=1e-12)
+    assert bp.vision_macs(32, 2, 64, 10, 10) == 2 * 10 * (4 * 32 * 32 + 2 * 32 * 64 + 2 * 32 * 10)
