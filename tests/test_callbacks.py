@@ -97,14 +97,23 @@ def wandb_records(path):
     return out
 
 
-def history(files) -> dict[str, object]:
-    """Last logged value of every history key (``a.b`` for nested fields such as ``val/iou_hist._type``)."""
+def history(files, need: tuple[str, ...] = ()) -> dict[str, object]:
+    """Last logged value of every history key (``a.b`` for nested fields such as ``val/iou_hist._type``).
+
+    The wandb service may append the last history records just after ``finish()`` returns (as
+    it does artifacts, see :func:`_tables`): the file is read again, for up to 20 s, until every
+    key of ``need`` is there.
+    """
     run_file, = files.parent.glob("run-*.wandb")
-    out = {}
-    for r in wandb_records(run_file):
-        if r.WhichOneof("record_type") == "history":
-            for item in r.history.item:
-                out[item.key or ".".join(item.nested_key)] = json.loads(item.value_json)
+    for _ in range(100):
+        out = {}
+        for r in wandb_records(run_file):
+            if r.WhichOneof("record_type") == "history":
+                for item in r.history.item:
+                    out[item.key or ".".join(item.nested_key)] = json.loads(item.value_json)
+        if all(k in out for k in need):
+            break
+        time.sleep(0.2)
     return out
 
 
@@ -152,7 +161,7 @@ def test_sft_validation_table_offline(world, tmp_path, offline, monkeypatch):
     gt, pred = img0["boxes"]["ground_truth"][0]["position"], img0["boxes"]["prediction"][0]["position"]
     assert pred["minX"] == pytest.approx(gt["minX"] + 4) and pred["maxY"] == pytest.approx(gt["maxY"])
     assert img0["width"] == 64 and Path(entries[img0["path"]]).stat().st_size > 0  # the staged PNG
-    h = history(files)
+    h = history(files, need=("val/iou_hist._type", "val/reward_hist._type", "val/val/acc"))
     assert h["val/iou_hist._type"] == "histogram" and h["val/reward_hist._type"] == "histogram"
     assert sum(h["val/iou_hist.values"]) == 4 + 1  # the 5 kept predictions (2 of them IoU 0.7)
     assert h["val/val/acc"] == pytest.approx(3 / 5)
@@ -165,8 +174,9 @@ def test_grpo_train_histograms_offline(world, tmp_path, offline, monkeypatch):
                    rollout=SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=4),
                    val_sampling=SamplingParams(max_new_tokens=4))
     files = _fit(m, ck, paths, tmp_path, "grpo-test")
-    h = history(files)
-    for key in ("train/rewards_hist", "train/advantages_hist", "val/iou_hist", "val/reward_hist"):
+    keys = ("train/rewards_hist", "train/advantages_hist", "val/iou_hist", "val/reward_hist")
+    h = history(files, need=tuple(k + "._type" for k in keys) + ("train/reward/mean",))
+    for key in keys:
         assert h[key + "._type"] == "histogram", key
     assert sum(h["train/rewards_hist.values"]) == 2 * 2  # 2 prompts x n_samples 2
     assert "train/reward/mean" in h
