@@ -121,7 +121,10 @@ def test_demo_seeds_tables_follow_from_the_per_seed_files(tmp_path):
         assert (got["reasoning_vs_boxonly"]["fixed"], got["reasoning_vs_boxonly"]["broken"]) == rb[:2]
         assert got["reasoning_vs_boxonly"]["p_value"] == pytest.approx(rb[2], rel=1e-9)
         assert got["grpo_vs_reasoning"]["p_value"] == pytest.approx(gr[2], rel=1e-9)
-        assert f"| {sp} | {cells[0]} | {cells[1]} | {cells[2]} | {rb[0]}/{rb[1]}, {rb[2]:.2g} | {gr[0]}/{gr[1]}, {gr[2]:.2g} |" in text
+        ahead = [f"{sum(b > a for a, b in zip(per_seed[x], per_seed[y]))}/2"
+                 for x, y in (("boxonly_sft", "reasoning_sft"), ("reasoning_sft", "grpo"))]
+        assert (f"| {sp} | {cells[0]} | {cells[1]} | {cells[2]} | {rb[0]}/{rb[1]}, {rb[2]:.2g}, ahead {ahead[0]} | "
+                f"{gr[0]}/{gr[1]}, {gr[2]:.2g}, ahead {ahead[1]} |") in text
         named = [r for run in arms["reasoning_sft"] for r in run[sp].values() if r["named_region"] == r["target_region"]]
         assert out["why"][sp]["named_right"] == len(named) / 6
     assert f"`egm demo-seeds --seeds [0,1] --root {tmp_path / 's'} --threads 1 --max_epochs 1 --max_steps 1` on " in text
@@ -153,8 +156,12 @@ def test_seeds_summary_by_hand(tmp_path):
     # acc per seed: box-only 25 / 50, reasoning 75 / 100, GRPO 75 / 75; sd of two values a, b = |a - b| / sqrt(2)
     # reasoning vs box-only: 4 fixed (seed 0: id1, id2; seed 1: id2, id3), 0 broken: p = 2 / 2**4 = 0.125
     # GRPO vs reasoning: 0 fixed, 1 broken (seed 1, id0): p = 1
-    assert "| val_plain | 37.5 ± 17.7 | 87.5 ± 17.7 | 75.0 ± 0.0 | 4/0, 0.12 | 0/1, 1 |" in md
+    # ahead: reasoning beats box-only on both seeds; GRPO beats reasoning on neither (75 = 75, 75 < 100)
+    assert "| val_plain | 37.5 ± 17.7 | 87.5 ± 17.7 | 75.0 ± 0.0 | 4/0, 0.12, ahead 2/2 | 0/1, 1, ahead 0/2 |" in md
     assert out["paired"]["val_plain"]["reasoning_vs_boxonly"]["p_value"] == 0.125
+    # one split: the macro row's test pools the same pairs
+    assert "| macro average | 37.5 ± 17.7 | 87.5 ± 17.7 | 75.0 ± 0.0 | 4/0, 0.12, ahead 2/2 | 0/1, 1, ahead 0/2 |" in md
+    assert out["paired"]["macro average"]["grpo_vs_reasoning"]["broken"] == 1
     assert "| val_plain | 25.0 / 50.0 | 75.0 / 100.0 | 75.0 / 75.0 |" in md  # per seed
     assert "| val_plain | 0.0 | 0.0 ± 0.0 | 37.5 ± 17.7 | 25.0 / 50.0 |" in md  # the demo's own table
     # named right: 5 of 8; their accuracy 5/5; named wrong or none: id2 (T), id3 (F) of seed 0, id3 (T) of seed 1

@@ -302,8 +302,12 @@ def seeds_summary(root: Path, seeds: Sequence[int]) -> dict[str, Any]:
         sps = splits if sp is None else [sp]
         return [float(np.mean([np.mean([r["success"] for r in run[x].values()]) for x in sps])) for run in arms[a]]
 
-    def pooled(a: str, sp: str) -> dict[Any, bool]:
-        return {(s, i): r["success"] for s, run in zip(seeds, arms[a]) for i, r in run[sp].items()}
+    def pooled(a: str, sp: str | None) -> dict[Any, bool]:  # sp None: every split (the macro average's test)
+        return {(s, x, i): r["success"] for s, run in zip(seeds, arms[a]) for x in (splits if sp is None else [sp])
+                for i, r in run[x].items()}
+
+    def ahead(first: str, second: str, sp: str | None) -> str:  # per-seed direction
+        return f"{sum(b > a for a, b in zip(acc(first, sp), acc(second, sp)))}/{len(seeds)}"
 
     md = [f"## The SFT demo over seeds\n\nAccuracy@0.5 (%) on the demo's validation splits "
           f"({demos[0]['samples_per_split']} samples each), mean ± standard deviation over "
@@ -319,25 +323,25 @@ def seeds_summary(root: Path, seeds: Sequence[int]) -> dict[str, Any]:
            + ("; GRPO adds `configs/demo_rl.yaml` on the reasoning export" if has_grpo else "")
            + f". Accuracy@0.5 (%) on the evaluation world ({'/'.join(sorted({str(v) for v in n.values()}))} samples "
            f"per split and seed), mean ± sd over seeds. Paired exact McNemar tests over the pooled (seed, sample) "
-           f"pairs: `fixed/broken` = samples the second arm gets right and the first wrong / the reverse.\n",
+           f"pairs (for the macro average: (seed, split, sample)): `fixed/broken` = samples the second arm gets "
+           f"right and the first wrong / the reverse; `ahead` = seeds on which the second arm is more accurate.\n",
            "| split | box-only SFT | reasoning SFT | " + ("reasoning SFT + GRPO | " if has_grpo else "")
-           + "reasoning vs box-only: fixed/broken, p |" + (" GRPO vs reasoning SFT: fixed/broken, p |" if has_grpo else ""),
+           + "reasoning vs box-only: fixed/broken, p, ahead |" + (" GRPO vs reasoning SFT: fixed/broken, p, ahead |" if has_grpo else ""),
            "|---|---:|---:|" + ("---:|" if has_grpo else "") + "---:|" + ("---:|" if has_grpo else "")]
     paired: dict[str, dict[str, Any]] = {}
-    for sp in splits:
+    for sp in [*splits, None]:
         rb = paired_comparison(pooled("boxonly_sft", sp), pooled("reasoning_sft", sp))
-        paired[sp] = {"reasoning_vs_boxonly": asdict(rb)}
-        row = f"| {sp} | {_mean_sd(acc('boxonly_sft', sp))} | {_mean_sd(acc('reasoning_sft', sp))} | "
+        key = sp or "macro average"
+        paired[key] = {"reasoning_vs_boxonly": {**asdict(rb), "ahead": ahead("boxonly_sft", "reasoning_sft", sp)}}
+        row = f"| {key} | {_mean_sd(acc('boxonly_sft', sp))} | {_mean_sd(acc('reasoning_sft', sp))} | "
         if has_grpo:
             gr = paired_comparison(pooled("reasoning_sft", sp), pooled("grpo", sp))
-            paired[sp]["grpo_vs_reasoning"] = asdict(gr)
+            paired[key]["grpo_vs_reasoning"] = {**asdict(gr), "ahead": ahead("reasoning_sft", "grpo", sp)}
             row += f"{_mean_sd(acc('grpo', sp))} | "
-        row += f"{rb.fixed}/{rb.broken}, {rb.p_value:.2g} |"
+        row += f"{rb.fixed}/{rb.broken}, {rb.p_value:.2g}, ahead {paired[key]['reasoning_vs_boxonly']['ahead']} |"
         if has_grpo:
-            row += f" {gr.fixed}/{gr.broken}, {gr.p_value:.2g} |"
+            row += f" {gr.fixed}/{gr.broken}, {gr.p_value:.2g}, ahead {paired[key]['grpo_vs_reasoning']['ahead']} |"
         md.append(row)
-    md.append(f"| macro average | {_mean_sd(acc('boxonly_sft', None))} | {_mean_sd(acc('reasoning_sft', None))} | "
-              + (f"{_mean_sd(acc('grpo', None))} | | |" if has_grpo else " |"))
     md += ["", "Per seed (" + ", ".join(f"seed {x}" for x in seeds) + "):\n",
            "| split | " + " | ".join(ARMS[a] for a in arms) + " |", "|---|" + "---:|" * len(arms)]
     for sp in [*splits, None]:
