@@ -74,6 +74,7 @@ def evaluate_checkpoint(
     engine: str = "hf",
     vllm_gpu_memory_utilization: float = 0.85,
     vllm_enforce_eager: bool = False,
+    vllm_max_model_len: int | None = None,
     reasoning_budget: int | list[int] | None = None,
     answer_tokens: int = 64,
     max_pixels: int | None = None,
@@ -99,6 +100,10 @@ def evaluate_checkpoint(
             rollouts and inference ... vLLM").
         vllm_gpu_memory_utilization: share of the GPU vLLM may use (``engine=vllm``).
         vllm_enforce_eager: no CUDA graphs / compilation (faster start; ``engine=vllm``).
+        vllm_max_model_len: vLLM's context length (``engine=vllm``); ``None``: the adapter's prompt
+            cap (``max_length``, 4096) plus ``max_new_tokens``. Not the checkpoint's own context:
+            Qwen3-VL declares 262,144 positions, whose KV cache alone (~28 GiB at 2B) vLLM must be
+            able to hold before it starts, which a CPU or a small GPU cannot.
         reasoning_budget: a test-time reasoning budget, or a list of them (a sweep, e.g.
             ``[0, 16, 32, 64]``): reasoning capped at ``B`` generated tokens, then the answer is
             forced (:mod:`egm.generation.budget`). Each budget is evaluated into
@@ -127,9 +132,10 @@ def evaluate_checkpoint(
         from transformers import AutoConfig
 
         # vLLM picks its own platform (CUDA, or the CPU build): `device` does not apply; the model
-        # runs in `torch_dtype` as with HF, and at the checkpoint's own context length.
+        # runs in `torch_dtype` as with HF, with the context this evaluation can use.
         eng = VLLMEngine(adapter, gpu_memory_utilization=vllm_gpu_memory_utilization, dtype=torch_dtype,
-                         enable_sleep_mode=False, max_model_len=None, enforce_eager=vllm_enforce_eager)
+                         enable_sleep_mode=False, enforce_eager=vllm_enforce_eager,
+                         max_model_len=vllm_max_model_len or adapter.max_length + max_new_tokens)
         generate_fn = engine_generate_fn(eng, sampling)
         n_params = _count_params(AutoConfig.from_pretrained(checkpoint))
     else:
