@@ -51,7 +51,8 @@ demo-rl: install  # GRPO on top of `make demo`'s SFT export (250 steps, validati
 demo-budget: install  # the reasoning-token budget curve of `make demo`'s SFT export
 	$(BIN)/egm demo-budget --root runs/demo
 
-# The demo's claims (docs/demo.md): the demo over 3 seeds and the reasoning vs box-only vs GRPO ablation,
+# The demo's claims (docs/demo.md): the demo over 5 seeds, the reasoning vs box-only vs GRPO ablation and the
+# accuracy-vs-latency figure (budget curve of seed 0),
 # 1 torch thread per run, in the test venv: the numbers were measured there, and the light venv's
 # newer packages (transformers, numpy; no torchvision) make other draws of the same seeds. Seeds run one after another; `egm demo-seeds --seeds [N]` runs one seed
 # into the same root, so seeds can run side by side, and then this target only writes the table

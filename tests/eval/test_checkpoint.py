@@ -151,3 +151,33 @@ def test_vllm_engine_without_vllm_is_a_clear_error(qwen_dir, tmp_path, monkeypat
         evaluate_checkpoint(str(qwen_dir), {}, str(tmp_path), engine="vllm", device="cpu", torch_dtype="float32")
     with pytest.raises(ValueError, match="engine must be"):
         evaluate_checkpoint(str(qwen_dir), {}, str(tmp_path), engine="tgi")
+
+
+def test_vllm_context_is_what_the_evaluation_needs_not_the_checkpoints(real_dirs, tmp_path, monkeypatch):
+    """Regression (issue 22's real-size smoke run): Qwen3-VL declares 262,144 positions; vLLM
+    must hold one full-length request's KV cache before it starts (28 GiB at 2B), so
+    `egm evaluate --engine vllm` asks for the prompt cap + max_new_tokens instead. The tiny
+    real-shaped trunk hid it (its KV cache for 262,144 positions is small), so the argument
+    handed to the engine is checked here; the engine's start is stopped right after."""
+    import json
+
+    import egm.eval.checkpoint as ck
+    from egm.eval.checkpoint import evaluate_checkpoint
+
+    cfg = json.loads((real_dirs["qwen3_vl"] / "config.json").read_text())
+    assert cfg["text_config"]["max_position_embeddings"] == 262144  # the released declaration
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def engine(adapter, **kw):
+        seen.update(kw, prompt_cap=adapter.max_length)
+        raise Stop
+
+    monkeypatch.setattr(ck, "VLLMEngine", engine)
+    for override, expected in ((None, 4096 + 64), (2048, 2048)):
+        with pytest.raises(Stop):
+            evaluate_checkpoint(str(real_dirs["qwen3_vl"]), {}, str(tmp_path), engine="vllm", max_new_tokens=64,
+                                torch_dtype="float32", vllm_max_model_len=override)
+        assert seen["max_model_len"] == expected and seen["prompt_cap"] == 4096
