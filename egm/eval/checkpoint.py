@@ -101,7 +101,8 @@ def evaluate_checkpoint(
         vllm_gpu_memory_utilization: share of the GPU vLLM may use (``engine=vllm``).
         vllm_enforce_eager: no CUDA graphs / compilation (faster start; ``engine=vllm``).
         vllm_max_model_len: vLLM's context length (``engine=vllm``); ``None``: the adapter's prompt
-            cap (``max_length``, 4096) plus ``max_new_tokens``. Not the checkpoint's own context:
+            cap (``max_length``, 4096) plus ``max_new_tokens``, at most the checkpoint's declared
+            context. Not the checkpoint's own context alone:
             Qwen3-VL declares 262,144 positions, whose KV cache alone (~28 GiB at 2B) vLLM must be
             able to hold before it starts, which a CPU or a small GPU cannot.
         reasoning_budget: a test-time reasoning budget, or a list of them (a sweep, e.g.
@@ -132,12 +133,16 @@ def evaluate_checkpoint(
         from transformers import AutoConfig
 
         # vLLM picks its own platform (CUDA, or the CPU build): `device` does not apply; the model
-        # runs in `torch_dtype` as with HF, with the context this evaluation can use.
+        # runs in `torch_dtype` as with HF, with the context this evaluation can use (capped by
+        # the checkpoint's declared one, which vLLM will not exceed).
+        config = AutoConfig.from_pretrained(checkpoint)
+        declared = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
+        context = vllm_max_model_len or adapter.max_length + max_new_tokens
         eng = VLLMEngine(adapter, gpu_memory_utilization=vllm_gpu_memory_utilization, dtype=torch_dtype,
                          enable_sleep_mode=False, enforce_eager=vllm_enforce_eager,
-                         max_model_len=vllm_max_model_len or adapter.max_length + max_new_tokens)
+                         max_model_len=min(context, declared) if declared else context)
         generate_fn = engine_generate_fn(eng, sampling)
-        n_params = _count_params(AutoConfig.from_pretrained(checkpoint))
+        n_params = _count_params(config)
     else:
         model = adapter.load_model().to(device).eval()
         n_params = sum(p.numel() for p in model.parameters())

@@ -153,7 +153,7 @@ def test_vllm_engine_without_vllm_is_a_clear_error(qwen_dir, tmp_path, monkeypat
         evaluate_checkpoint(str(qwen_dir), {}, str(tmp_path), engine="tgi")
 
 
-def test_vllm_context_is_what_the_evaluation_needs_not_the_checkpoints(real_dirs, tmp_path, monkeypatch):
+def test_vllm_context_is_what_the_evaluation_needs_not_the_checkpoints(real_dirs, tiny_dirs, tmp_path, monkeypatch):
     """Regression (issue 22's real-size smoke run): Qwen3-VL declares 262,144 positions; vLLM
     must hold one full-length request's KV cache before it starts (28 GiB at 2B), so
     `egm evaluate --engine vllm` asks for the prompt cap + max_new_tokens instead. The tiny
@@ -181,3 +181,8 @@ def test_vllm_context_is_what_the_evaluation_needs_not_the_checkpoints(real_dirs
             evaluate_checkpoint(str(real_dirs["qwen3_vl"]), {}, str(tmp_path), engine="vllm", max_new_tokens=64,
                                 torch_dtype="float32", vllm_max_model_len=override)
         assert seen["max_model_len"] == expected and seen["prompt_cap"] == 4096
+    # never above the declared context either (vLLM refuses it): the toy checkpoint declares 4,096
+    with pytest.raises(Stop):
+        evaluate_checkpoint(str(tiny_dirs["internvl"]), {}, str(tmp_path), family="internvl", engine="vllm",
+                            max_new_tokens=64, torch_dtype="float32")
+    assert seen["max_model_len"] == 4096
