@@ -45,12 +45,17 @@ def relation_clearly_fails(o, anchor, rel: str) -> bool:
     return {"left of": cx > ax, "right of": cx < ax, "above": cy > ay, "below": cy < ay}[rel]
 
 
+def counting_order(ids: list[int], objects: list[dict[str, Any]] | list[Obj], direction: str) -> list[int]:
+    """``ids`` in the order "the n-th ... from the ``direction``" counts them (by centres)."""
+    axis, rev = {"left": (0, False), "right": (0, True), "top": (1, False), "bottom": (1, True)}[direction]
+    return sorted(ids, key=lambda i: centre(objects[i])[axis], reverse=rev)
+
+
 def resolve(expr: dict[str, Any], objects: list[dict[str, Any]] | list[Obj]) -> list[int]:
     """Indices of the objects an expression refers to (exactly one for a valid sample)."""
     cand = [i for i, o in enumerate(objects) if matches(o, expr["shape"], expr.get("colour"), expr.get("size"))]
     if "ordinal" in expr:
-        axis, rev = {"left": (0, False), "right": (0, True), "top": (1, False), "bottom": (1, True)}[expr["direction"]]
-        ranked = sorted(cand, key=lambda i: centre(objects[i])[axis], reverse=rev)
+        ranked = counting_order(cand, objects, expr["direction"])
         k = expr["ordinal"] - 1
         return [ranked[k]] if k < len(ranked) else []
     if "relation" in expr:

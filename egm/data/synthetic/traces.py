@@ -19,7 +19,7 @@ import re
 from collections.abc import Sequence
 
 from egm.data.manifest import Sample
-from egm.data.synthetic.expressions import centre, relation_holds, resolve
+from egm.data.synthetic.expressions import centre, counting_order, relation_holds, resolve
 from egm.data.synthetic.world import ORDINALS
 from egm.geometry import MIN_PIXELS, MIN_RATIO, amount_term, expansion
 
@@ -151,8 +151,7 @@ def synthetic_trace(sample: Sample) -> str:
         listed = [f"the {objs[i][key]} one is {where(i)}" for i in reading_order(cands)]
         return (f"Of the {_n(k)} {shape}s, {_listing(listed)}, so the target is the {expr[key]} one, {loc}.")
     if d == "ordinal":
-        axis, rev = {"left": (0, False), "right": (0, True), "top": (1, False), "bottom": (1, True)}[expr["direction"]]
-        ranked = sorted(cands, key=lambda i: centre(objs[i])[axis], reverse=rev)
+        ranked = counting_order(cands, objs, expr["direction"])
         listed = [f"the {ORDINALS[r]} is {where(i)}" for r, i in enumerate(ranked[:len(ORDINALS)])]
         return (f"Counting the {_n(k)} {shape}s from the {expr['direction']}, {_listing(listed)}. "
                 f"The {ORDINALS[expr['ordinal'] - 1]} one, {loc}, is the target.")
