@@ -165,7 +165,7 @@ def _mrope_section(head_dim: int) -> list[int]:
 
 
 def _qwen_config(tok, text_hidden, text_layers, text_heads, kv_heads, head_dim, intermediate,
-                 vision_hidden, vision_depth, vision_heads, **_):
+                 vision_hidden, vision_depth, vision_heads, max_pixels, patch_size, **_):
     from transformers import Qwen3VLConfig
 
     ids = tok.convert_tokens_to_ids
@@ -180,8 +180,8 @@ def _qwen_config(tok, text_hidden, text_layers, text_heads, kv_heads, head_dim, 
         ),
         vision_config=dict(
             depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-            num_heads=vision_heads, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-            out_hidden_size=text_hidden, num_position_embeddings=64,
+            num_heads=vision_heads, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2,
+            out_hidden_size=text_hidden, num_position_embeddings=(math.isqrt(max_pixels) // patch_size) ** 2,
             deepstack_visual_indexes=list(range(min(vision_depth, text_layers, 2))),
         ),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
@@ -211,7 +211,7 @@ def _internvl_config(tok, text_hidden, text_layers, text_heads, kv_heads, head_d
     )
 
 
-def _processor(family: str, tok, image_size: int, max_pixels: int):
+def _processor(family: str, tok, image_size: int, max_pixels: int, patch_size: int = 16):
     from transformers import InternVLProcessor, Qwen3VLProcessor
 
     from egm.models.base import video_free
@@ -220,7 +220,7 @@ def _processor(family: str, tok, image_size: int, max_pixels: int):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         ip = Qwen2VLImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": max_pixels},
-                                      patch_size=16, merge_size=2, temporal_patch_size=2)
+                                      patch_size=patch_size, merge_size=2, temporal_patch_size=2)
         return video_free(Qwen3VLProcessor)(image_processor=ip, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE,
                                             **_video_processor(family, image_size, max_pixels))
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
@@ -259,7 +259,7 @@ def default_dims() -> dict[str, int]:
     """
     return dict(vocab_size=1024, text_hidden=128, text_layers=2, text_heads=4, kv_heads=2, head_dim=32,
                 intermediate=384, vision_hidden=64, vision_depth=2, vision_heads=4,
-                image_size=64, max_pixels=128 * 128)
+                image_size=64, max_pixels=128 * 128, patch_size=16)
 
 
 def _write(family: str, out: Path, seed: int, dims: dict[str, int], init_seed: int,
@@ -275,7 +275,7 @@ def _write(family: str, out: Path, seed: int, dims: dict[str, int], init_seed: i
     stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
     model.generation_config = GenerationConfig(eos_token_id=stop, pad_token_id=tok.pad_token_id, do_sample=False)
     model.save_pretrained(out)
-    _processor(family, tok, dims["image_size"], dims["max_pixels"]).save_pretrained(out)
+    _processor(family, tok, dims["image_size"], dims["max_pixels"], dims["patch_size"]).save_pretrained(out)
     video = out / "video_preprocessor_config.json"
     if not video.exists():
         video.write_text(json.dumps(_video_config(family, dims["image_size"], dims["max_pixels"]), indent=2))

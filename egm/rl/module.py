@@ -56,7 +56,7 @@ from egm.rl.dynamic import dynamic_sampling as dapo_dynamic_sampling
 from egm.rl.grpo import Agg, group_advantages, grpo_loss, sampled_token_entropy
 from egm.models.head import DEFAULT_CHUNK_TOKENS
 from egm.rl.ppo import ppo_updates, token_logprobs, token_micro_batches
-from egm.rl.prefix import prefix_micro_batches, shared_prefix_logprobs, shared_prefix_support
+from egm.rl.prefix import prefix_micro_batches, shared_prefix_logprobs, shared_prefix_support, use_split_attention
 from egm.strategies import begin_micro_batch
 from egm.timing import PhaseClock
 from egm.validation import GroundingEvalHooks, GroundingValidation
@@ -128,6 +128,10 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
             ``[prompt, c_1, ..., c_G]``: each group's image and prompt encoded once per micro-batch
             (:mod:`egm.rl.prefix`; same numbers as per response). Attention implementations that
             cannot take its mask (FlashAttention) fall back to per response, with a warning.
+        prefix_attention: how completions are kept apart in a shared-prefix row: ``"split"``
+            (default; SDPA over the prompt, then each completion over ``[prompt ; itself]``,
+            :func:`egm.rl.prefix.split_prefix_attention`) or ``"mask"`` (one dense ``L x L`` mask
+            per row). Split needs SDPA; with eager attention the dense mask is used (logged).
     """
 
     def __init__(
@@ -162,6 +166,7 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
         dynamic_sampling: bool = False,
         max_refill_rounds: int = 2,
         shared_prefix: bool = True,
+        prefix_attention: Literal["split", "mask"] = "split",
     ):
         check_ranges("GRPOModule", locals(), GRPO_RULES)  # before any model loads (egm.config_checks)
         super().__init__()
@@ -178,6 +183,8 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
             raise InputError(f"weight_decay must be >= 0, got {weight_decay}")
         if lr_schedule not in ("per_step", "verl"):
             raise InputError(f"lr_schedule must be 'per_step' or 'verl', got {lr_schedule!r}")
+        if prefix_attention not in ("split", "mask"):
+            raise InputError(f"prefix_attention must be 'split' or 'mask', got {prefix_attention!r}")
         if max_refill_rounds < 0:
             raise InputError(f"max_refill_rounds must be >= 0, got {max_refill_rounds}")
         self.save_hyperparameters(ignore=["adapter"])
@@ -208,6 +215,11 @@ class GRPOModule(GroundingEvalHooks, LightningModule):
             for p in ref.parameters():
                 p.requires_grad_(False)
             self.reference.model = ref
+        if self.shared_prefix and self.hparams.prefix_attention == "split":
+            for model in filter(None, (self.model, self.reference.model)):
+                reason = use_split_attention(model)
+                if reason is not None:
+                    log.info("shared_prefix: dense attention mask: %s", reason)
 
     def collate_fn(self, stage: str):
         """Train: the examples themselves (rollouts need samples + images); eval: as SFT."""

@@ -24,10 +24,21 @@ entropies, with the completion ids and mask ``(b, t)`` trimmed to the longest re
 ``idx`` -- the contract of the per-response path, so log-probs, entropies and gradients are equal
 up to rounding (``tests/rl/test_prefix.py``).
 
-Attention implementations: ``sdpa`` (boolean mask) and ``eager`` (additive float mask) take a
-custom 4-D mask, which transformers passes through unchanged (``masking_utils`` returns a 4-D
-mask as-is). FlashAttention-2/3 and flex attention cannot take an arbitrary dense mask:
-:func:`shared_prefix_support` names the reason, and the caller falls back to per-response.
+Two ways to keep completions apart inside a row:
+
+* **split attention** (:data:`SPLIT_ATTENTION`, the default of :class:`egm.rl.module.GRPOModule`;
+  PrefixGrouper's design): each layer runs causal SDPA over the prompt, then SDPA of each
+  completion over ``[prompt K/V ; its own K/V]``, ``G C (P + C)`` scores per row instead of the
+  ``L^2`` of one dense mask. It is an attention function registered with transformers'
+  ``AttentionInterface`` under its own name; :func:`use_split_attention` switches a model's
+  language model to it. Called without a :class:`SplitLayout` (generation, SFT, per-response
+  scoring) it *is* SDPA, mask function included, so the switch changes nothing else. The layout
+  travels as a keyword argument of the forward, so gradient-checkpoint recomputation sees it too.
+* **dense mask**: ``sdpa`` (boolean) or ``eager`` (additive float) with a custom ``(R, 1, L, L)``
+  mask, which transformers passes through unchanged (``masking_utils`` returns a 4-D mask as-is).
+
+FlashAttention-2/3 and flex attention take neither: :func:`shared_prefix_support` names the
+reason, and the caller falls back to per-response.
 
 A micro-batch holding part of a group encodes that group's prompt once for that micro-batch:
 a group split over ``k`` micro-batches is encoded ``k`` times per pass.
@@ -45,7 +56,9 @@ from egm.generation.rollout import Rollout
 from egm.models.base import GroundingAdapter
 from egm.models.head import DEFAULT_CHUNK_TOKENS, hf_model, masked_logprobs, output_head, trunk_hidden_states
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+SPLIT_ATTENTION = "egm_split_prefix"
+LAYOUT_KWARG = "egm_prefix_layout"
+SUPPORTED_ATTENTION = ("sdpa", "eager", SPLIT_ATTENTION)
 
 
 @dataclass
@@ -54,8 +67,9 @@ class PackedGroups:
 
     Attributes:
         inputs: keyword arguments of the HF base model (``input_ids`` ``(R, L)``, 4-D
-            ``attention_mask`` ``(R, 1, L, L)``, ``position_ids`` ``(3, R, L)`` or ``(R, L)``,
-            the prompts' image tensors).
+            ``attention_mask`` ``(R, 1, L, L)`` -- or, under split attention, the
+            :class:`SplitLayout` as :data:`LAYOUT_KWARG` and a ``(R, 1, 1, 1)`` placeholder mask --,
+            ``position_ids`` ``(3, R, L)`` or ``(R, L)``, the prompts' image tensors).
         index: ``(b, t)`` index into the flattened ``(R * L)`` hidden states of the position that
             predicts each completion token (padding entries point at a prompt's last position).
         completion_ids, completion_mask: ``(b, t)``, as :meth:`Rollout.model_inputs` returns them.
@@ -72,6 +86,136 @@ class PackedGroups:
     def num_positions(self) -> int:
         """Token positions the language model computes (rows x padded row length)."""
         return int(self.inputs["input_ids"].numel())
+
+
+@dataclass
+class SplitLayout:
+    """Where the prompt and each completion sit in the packed rows, for :func:`split_prefix_attention`.
+
+    ``R`` rows, prompts padded to ``Pm`` positions, ``G`` completion slots per row of ``C``
+    positions each (shorter prompts, completions and rows with fewer completions are padded;
+    padded slots gather position 0 and are masked as keys, and their outputs are dropped).
+
+    Attributes:
+        prefix_index: ``(R, Pm)`` row positions of the prompt tokens.
+        prefix_mask: ``(R, 1, Pm, Pm)`` boolean, causal over the real prompt tokens.
+        comp_index: ``(R, G * C)`` row positions of the completion inputs, slot by slot.
+        comp_mask: ``(R * G, 1, C, Pm + C)`` boolean: the real prompt tokens, then causal over
+            the completion's own tokens.
+        source: ``(R * L,)`` for every row position, its output among ``[prompt outputs (R * Pm) ;
+            completion outputs (R * G * C) ; one zero row]`` (row padding takes the zero row).
+    """
+
+    prefix_index: Tensor
+    prefix_mask: Tensor
+    comp_index: Tensor
+    comp_mask: Tensor
+    source: Tensor
+    groups: int
+    width: int
+
+    def to(self, device: torch.device | str) -> SplitLayout:
+        return SplitLayout(self.prefix_index.to(device), self.prefix_mask.to(device), self.comp_index.to(device),
+                           self.comp_mask.to(device), self.source.to(device), self.groups, self.width)
+
+
+def split_layout(segments: Tensor) -> SplitLayout:
+    """:class:`SplitLayout` of packed rows from their ``(R, L)`` segment ids (0 prompt, k >= 1
+    completion k, -1 padding; each segment contiguous, the prompt first)."""
+    R, L = segments.shape
+    rows = [[torch.nonzero(seg == k).reshape(-1) for k in range(int(seg.max()) + 1)] for seg in segments]
+    Pm = max(len(r[0]) for r in rows)
+    G = max(len(r) - 1 for r in rows)
+    C = max((len(c) for r in rows for c in r[1:]), default=0)
+    prefix_index = torch.zeros(R, Pm, dtype=torch.long)
+    prefix_valid = torch.zeros(R, Pm, dtype=torch.bool)
+    comp_index = torch.zeros(R, G, C, dtype=torch.long)
+    zero_row = R * Pm + R * G * C
+    source = torch.full((R, L), zero_row, dtype=torch.long)
+    for r, segs in enumerate(rows):
+        p = segs[0]
+        prefix_index[r, :len(p)], prefix_valid[r, :len(p)] = p, True
+        source[r, p] = r * Pm + torch.arange(len(p))
+        for g, c in enumerate(segs[1:]):
+            comp_index[r, g, :len(c)] = c
+            source[r, c] = R * Pm + (r * G + g) * C + torch.arange(len(c))
+    causal = torch.ones(Pm, Pm, dtype=torch.bool).tril()
+    prefix_mask = (causal[None] & prefix_valid[:, None, :])[:, None]
+    own = torch.ones(C, C, dtype=torch.bool).tril()
+    comp_mask = torch.cat([prefix_valid[:, None, None, :].expand(R, G, C, Pm),
+                           own[None, None].expand(R, G, C, C)], -1).reshape(R * G, 1, C, Pm + C)
+    return SplitLayout(prefix_index, prefix_mask, comp_index.reshape(R, G * C), comp_mask, source.reshape(-1), G, C)
+
+
+def split_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                           attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                           **kwargs) -> tuple[Tensor, None]:
+    """transformers attention function (``AttentionInterface``): split prompt/completion attention
+    when the forward carries a :class:`SplitLayout` (keyword :data:`LAYOUT_KWARG`), plain SDPA
+    otherwise.
+
+    ``query`` ``(R, H, L, d)``, ``key``/``value`` ``(R, H_kv, L, d)``; returns ``(R, L, H, d)``.
+    The prompt's keys and values are expanded over the ``G`` completion slots, so their gradient
+    is the sum over the completions that read them. Both halves are transformers' own SDPA
+    function (grouped-query heads, scaling and dropout as in the ordinary forward).
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    layout: SplitLayout | None = kwargs.pop(LAYOUT_KWARG, None)
+    if layout is None:
+        return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    R, H, L, d = query.shape
+
+    def take(x: Tensor, index: Tensor) -> Tensor:  # (R, h, L, d) at (R, n) -> (R, h, n, d)
+        return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, d))
+
+    qp, kp, vp = (take(x, layout.prefix_index) for x in (query, key, value))
+    out_p, _ = sdpa(module, qp, kp, vp, layout.prefix_mask, dropout=dropout, scaling=scaling, is_causal=False)
+    parts = [out_p.reshape(-1, H, d)]  # (R * Pm, H, d)
+    if layout.width:
+        G, C = layout.groups, layout.width
+
+        def slots(x: Tensor) -> Tensor:  # (R, h, G * C, d) -> (R * G, h, C, d)
+            return x.view(R, x.shape[1], G, C, d).transpose(1, 2).reshape(R * G, x.shape[1], C, d)
+
+        def after_prompt(own: Tensor, prompt: Tensor) -> Tensor:  # [prompt ; own] keys per slot
+            shared = prompt[:, None].expand(R, G, *prompt.shape[1:]).reshape(R * G, *prompt.shape[1:])
+            return torch.cat([shared, own], 2)
+
+        qc, kc, vc = (slots(take(x, layout.comp_index)) for x in (query, key, value))
+        out_c, _ = sdpa(module, qc, after_prompt(kc, kp), after_prompt(vc, vp), layout.comp_mask, dropout=dropout,
+                        scaling=scaling, is_causal=False)
+        parts.append(out_c.reshape(-1, H, d))  # (R * G * C, H, d)
+    parts.append(query.new_zeros(1, H, d))
+    return torch.cat(parts)[layout.source].view(R, L, H, d), None
+
+
+def _register_split_attention() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(SPLIT_ATTENTION, split_prefix_attention)
+    AttentionMaskInterface.register(SPLIT_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+_register_split_attention()
+
+
+def use_split_attention(model: torch.nn.Module) -> str | None:
+    """Switch ``model``'s language model from SDPA to :data:`SPLIT_ATTENTION`; ``None`` when done
+    (or already on), else the reason it stays as it is (the dense mask is used then)."""
+    impl = attention_implementation(model)
+    if impl == SPLIT_ATTENTION:
+        return None
+    if impl != "sdpa":
+        return f"split attention is built on SDPA; attention implementation {impl!r} keeps the dense mask"
+    base = hf_model(model)
+    key = "text_config" if getattr(base.config, "text_config", None) is not None else ""
+    base.set_attn_implementation({key: SPLIT_ATTENTION})
+    if attention_implementation(model) != SPLIT_ATTENTION:
+        return f"{type(base).__name__} did not take the attention implementation {SPLIT_ATTENTION!r}"
+    return None
 
 
 def attention_implementation(model: torch.nn.Module) -> str:
@@ -216,7 +360,14 @@ def pack_groups(model: torch.nn.Module, adapter: GroundingAdapter, ro: Rollout,
     for r, (s, p) in enumerate(zip(segs, positions)):
         seg[r, :len(s)] = s
         pos[:, r, :p.shape[1]] = p
-    inputs["attention_mask"] = shared_prefix_mask(seg, attention_implementation(model), _float_dtype(model))
+    impl = attention_implementation(model)
+    if impl == SPLIT_ATTENTION:
+        # the layout carries the mask; a 4-D placeholder is passed through by transformers'
+        # mask code untouched (no (R, L, L) mask is built) and ignored by the split attention
+        inputs[LAYOUT_KWARG] = split_layout(seg)
+        inputs["attention_mask"] = torch.ones(len(rows), 1, 1, 1, dtype=torch.bool)
+    else:
+        inputs["attention_mask"] = shared_prefix_mask(seg, impl, _float_dtype(model))
     inputs["position_ids"] = pos if D > 1 else pos[0]
     if device is not None:
         inputs = {k: v.to(device) for k, v in inputs.items()}

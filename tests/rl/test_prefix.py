@@ -23,8 +23,9 @@ from egm.generation.rollout import Rollout, encode_prompts
 from egm.models import InternVLAdapter, Qwen3VLAdapter
 from egm.models.base import LoraSettings, disable_dropout
 from egm.rl.grpo import entropy_from_logits
-from egm.rl.prefix import (pack_groups, packed_positions, prefix_micro_batches, shared_prefix_logprobs,
-                           shared_prefix_mask, shared_prefix_support)
+from egm.rl.prefix import (SPLIT_ATTENTION, attention_implementation, pack_groups, packed_positions,
+                           prefix_micro_batches, shared_prefix_logprobs, shared_prefix_mask, shared_prefix_support,
+                           split_layout, use_split_attention)
 
 ADAPTERS = {"qwen3_vl": Qwen3VLAdapter, "internvl": InternVLAdapter}
 TEMPERATURE = 0.7
@@ -53,7 +54,7 @@ def make_rollout(adapter, lengths=LENGTHS, group=G, seed=0) -> Rollout:
                    [""] * len(lengths), group)
 
 
-def load(tiny_dirs, family, dtype="float64", attn="sdpa", lora=False, checkpointing=False):
+def load(tiny_dirs, family, dtype="float64", attn="sdpa", lora=False, checkpointing=False, split=False):
     ad = ADAPTERS[family](str(tiny_dirs[family]), torch_dtype=dtype, attn_implementation=attn,
                           lora=LoraSettings(rank=4, alpha=8) if lora else None, gradient_checkpointing=checkpointing)
     torch.manual_seed(0)
@@ -65,6 +66,8 @@ def load(tiny_dirs, family, dtype="float64", attn="sdpa", lora=False, checkpoint
             for n, p in model.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0, 0.05)
+    if split:
+        assert use_split_attention(model) is None and attention_implementation(model) == SPLIT_ATTENTION
     return ad, model
 
 
@@ -116,21 +119,30 @@ def assert_same(model, ad, ro, idx, tol):
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "internvl"])
-@pytest.mark.parametrize("variant", ["plain", "lora", "checkpointing", "eager"])
+@pytest.mark.parametrize("variant", ["split", "split-lora", "split-checkpointing", "mask", "mask-lora",
+                                     "mask-checkpointing", "mask-eager"])
 def test_float64_equals_per_response(tiny_dirs, family, variant):
-    ad, model = load(tiny_dirs, family, "float64", attn="eager" if variant == "eager" else "sdpa",
-                     lora=variant == "lora", checkpointing=variant == "checkpointing")
+    """Both ways of keeping completions apart (split attention, dense mask), against the
+    per-response HF forward (which runs plain SDPA: the split function without a layout)."""
+    ad, model = load(tiny_dirs, family, "float64", attn="eager" if variant.endswith("eager") else "sdpa",
+                     lora=variant.endswith("lora"), checkpointing=variant.endswith("checkpointing"),
+                     split=variant.startswith("split"))
     ro = make_rollout(ad)
+    packed = pack_groups(model, ad, ro, torch.tensor(ORDER))
+    R, L = packed.inputs["input_ids"].shape
+    dense = packed.inputs["attention_mask"].shape == (R, 1, L, L)
+    assert dense == variant.startswith("mask")  # split: no (L, L) mask is built
     g = assert_same(model, ad, ro, ORDER, 1e-6)
-    if variant == "lora":
+    if variant.endswith("lora"):
         assert any("lora_A" in k for k in g) and not any("lora" not in k for k in g)
     else:  # the vision tower is trained through the one shared encoding
         assert any(k.startswith(ad.vision_attr) for k in g)
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "internvl"])
-def test_float32_equals_per_response_on_a_partial_group(tiny_dirs, family):
-    ad, model = load(tiny_dirs, family, "float32")
+@pytest.mark.parametrize("split", [True, False], ids=["split", "mask"])
+def test_float32_equals_per_response_on_a_partial_group(tiny_dirs, family, split):
+    ad, model = load(tiny_dirs, family, "float32", split=split)
     ro = make_rollout(ad)
     assert_same(model, ad, ro, [5, 0, 3], 1e-5)  # a micro-batch holding parts of both groups
 
@@ -206,6 +218,45 @@ def test_mask_completions_see_the_prompt_and_their_own_past_only():
                           [0, 0, 0, 0, 0, 1]]  # padding attends to itself only
     f = shared_prefix_mask(seg, "eager", torch.float64)
     assert f.dtype == torch.float64 and torch.equal(f == 0, m.bool()[None, None])
+
+
+def test_split_layout_by_hand():
+    """Two rows: prompt 2 + completions of 2 and 1 inputs; prompt 3 + one completion of 1."""
+    seg = torch.tensor([[0, 0, 1, 1, 2, -1],
+                        [0, 0, 0, 1, -1, -1]])
+    lay = split_layout(seg)
+    assert (lay.groups, lay.width) == (2, 2)
+    assert lay.prefix_index.tolist() == [[0, 1, 0], [0, 1, 2]]
+    assert lay.prefix_mask[:, 0].int().tolist() == [[[1, 0, 0], [1, 1, 0], [1, 1, 0]],  # padded prompt slot
+                                                    [[1, 0, 0], [1, 1, 0], [1, 1, 1]]]
+    assert lay.comp_index.tolist() == [[2, 3, 4, 0], [3, 0, 0, 0]]
+    # slot (row 0, completion 1): its 2 prompt keys (3rd masked as padding), then itself causally
+    assert lay.comp_mask[0, 0].int().tolist() == [[1, 1, 0, 1, 0], [1, 1, 0, 1, 1]]
+    assert lay.comp_mask[2, 0].int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    # outputs: prompts at r * 3 + i, completion slots after the 6 prompt slots, padding -> zero row 14
+    assert lay.source.tolist() == [0, 1, 6, 7, 8, 14,
+                                   3, 4, 5, 10, 14, 14]
+
+
+def test_split_attention_without_a_layout_is_sdpa(tiny_dirs):
+    """The switch changes nothing outside the shared-prefix forward: logits and greedy generation
+    of the ordinary forward are bitwise those of SDPA, and the saved config does not name it."""
+    ad, model = load(tiny_dirs, "qwen3_vl", "float32")
+    model.eval()
+    inputs = make_rollout(ad).model_inputs(ad, [0, 1, 2])[0]
+    before, gen_before = model(**inputs).logits, model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert use_split_attention(model) is None and attention_implementation(model) == SPLIT_ATTENTION
+    assert torch.equal(model(**inputs).logits, before)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), gen_before)
+    assert hf_config_text(model).find("egm") < 0
+
+
+def hf_config_text(model) -> str:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        model.config.save_pretrained(d)
+        return open(f"{d}/config.json").read()
 
 
 def test_attention_without_arbitrary_masks_is_refused_with_its_name(tiny_dirs):
@@ -295,6 +346,8 @@ def test_grpo_step_encodes_each_prompt_once_per_pass(tiny_dirs, train_manifest, 
     ro = m.last_rollout
     P, B = len(ro.examples), len(ro)
     assert (P, B) == (2, 8) and m.last_stats["optimizer_steps"] == 2
+    # the default: split attention, in the policy and the reference alike
+    assert attention_implementation(m.model) == attention_implementation(m.reference.model) == SPLIT_ATTENTION
     packed = pack_groups(m.model, m.adapter, ro)
     # 4 passes (old log-probs, reference, 2 updates), each one micro-batch: P images, one row per prompt
     assert calls == [[P, packed.num_positions]] * 4
@@ -316,8 +369,18 @@ def test_grpo_module_falls_back_to_per_response_with_the_reason(tiny_dirs, caplo
 
     m = GRPOModule(InternVLAdapter(str(tiny_dirs["internvl"])), n_samples=2, rollout=_sampling())
     m.configure_model()
-    assert m.shared_prefix  # sdpa: on
+    assert m.shared_prefix and attention_implementation(m.model) == SPLIT_ATTENTION  # sdpa: on, split
+    mask = GRPOModule(InternVLAdapter(str(tiny_dirs["internvl"])), n_samples=2, rollout=_sampling(),
+                      prefix_attention="mask")
+    mask.configure_model()
+    assert mask.shared_prefix and attention_implementation(mask.model) == "sdpa"
     ad = InternVLAdapter(str(tiny_dirs["internvl"]), attn_implementation="eager")
+    with caplog.at_level("INFO", logger="egm.rl.module"):
+        eager = GRPOModule(ad, n_samples=2, rollout=_sampling())
+        eager.configure_model()
+    assert eager.shared_prefix and attention_implementation(eager.model) == "eager"  # the dense mask
+    assert "dense attention mask" in caplog.text and "'eager'" in caplog.text
+    caplog.clear()
     off = GRPOModule(ad, n_samples=2, rollout=_sampling(), shared_prefix=False)
     off.configure_model()
     assert not off.shared_prefix
