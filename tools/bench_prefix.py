@@ -32,8 +32,6 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,7 +74,7 @@ def build(family: str, a, tiny: Path):
         cls = transformers.InternVLForConditionalGeneration
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = cls(cfg).train()
+    model = cls(cfg).to(getattr(torch, a.dtype)).train()
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(1)
     encs = [prompt_encoding(family, ad, cfg, a.text, gen) for _ in range(a.prompts)]
@@ -120,18 +118,24 @@ def vision_macs(hidden: int, depth: int, inter: int, patches: int, window: int) 
     return depth * patches * (4 * hidden * hidden + 2 * hidden * inter + 2 * hidden * window)
 
 
-def predicted_speedup(text: dict, vocab: int, vision: float, P: int, G: int, C: int) -> float:
+def predicted_speedup(text: dict, vocab: int, vision: float, P: int, G: int, C: int,
+                      attention: str = "split") -> float:
     """Per-response / shared-prefix forward compute of one group (the backward scales alike), as
-    the two paths compute it: per response, G x (vision + LM over P + C positions, each scored
+    the paths compute it: per response, G x (vision + LM over P + C positions, each scored
     against the P + C keys of its padded row); shared, the vision once and one row of
-    L = P + G C positions under a dense 4-D mask (every query scored against all L keys); the
-    head (hidden x vocab) on the G x C completion tokens in both. The head is why a narrow trunk
-    caps the gain (at hidden 512 it costs ~3x a stack of 8 layers per completion token), and the
-    dense row's L^2 attention why long responses do (docs/shared_prefix.md)."""
+    P + G C positions -- with ``attention="split"`` the prompt's P positions scored against P
+    keys and each completion's C against P + C, with ``"mask"`` every position against all
+    L = P + G C keys of the dense row; the head (hidden x vocab) on the G x C completion tokens in
+    both. The head is why a narrow trunk caps the gain (at hidden 512 it costs ~3x a stack of 8
+    layers per completion token), and the dense row's L^2 attention why long responses cap the
+    masked layout (docs/shared_prefix.md)."""
     head = G * C * text["hidden_size"] * vocab
     L = P + G * C
     per_response = G * (vision + lm_macs(text, P + C, P + C)) + head
-    shared = vision + lm_macs(text, L, L) + head
+    if attention == "split":
+        shared = vision + lm_macs(text, P, P) + lm_macs(text, G * C, P + C) + head
+    else:
+        shared = vision + lm_macs(text, L, L) + head
     return per_response / shared
 
 
@@ -165,11 +169,14 @@ def rollout(ad, encs, G: int, C: int):
                    torch.zeros(B, dtype=torch.bool), [""] * B, G)
 
 
+PATHS = {"per_response": "per response", "shared": "shared (split)", "mask": "shared (mask)", "trl": "TRL"}
+
+
 def logprobs(path: str, model, ad, ro, idx, grad: bool):
     from egm.rl.ppo import token_logprobs
     from egm.rl.prefix import shared_prefix_logprobs
 
-    if path == "shared":
+    if path in ("shared", "mask"):  # which attention is the model's (set_path)
         logp, ent, _, mask = shared_prefix_logprobs(model, ad, ro, idx, 0.7, grad, grad)
         return logp, ent, mask
     inputs, comp, mask = ro.model_inputs(ad, idx)
@@ -186,12 +193,40 @@ def logprobs(path: str, model, ad, ro, idx, grad: bool):
     return logp, ent, mask
 
 
-def run_round(path: str, ad, model, ref, ro, micro: int) -> dict[str, float]:
-    """Seconds of the three phases for one rollout batch."""
+def set_path(path: str, *models) -> None:
+    """Split attention for "shared", SDPA for the others (the split function without a layout is
+    SDPA, but "mask" needs SDPA itself to take its dense mask)."""
+    from egm.rl.prefix import use_split_attention
+
+    for m in models:
+        if path == "shared":
+            assert use_split_attention(m) is None
+        else:
+            m.set_attn_implementation({"text_config": "sdpa"})
+
+
+def micro_batches(path: str, ro, a) -> list[torch.Tensor]:
+    """``--micro-tokens``: the same token budget for every path, counted as each computes it
+    (per response: padded prompt + response; shared: rows x longest row, groups kept whole);
+    else ``--micro`` responses."""
+    from egm.rl.ppo import token_micro_batches
+    from egm.rl.prefix import prefix_micro_batches
+
+    if a.micro_tokens is None:
+        return list(torch.arange(len(ro)).split(a.micro))
+    if path in ("shared", "mask"):
+        return prefix_micro_batches(ro, None, a.micro_tokens)
+    return token_micro_batches(torch.arange(len(ro)), ro.sequence_lengths, a.micro_tokens)
+
+
+def run_round(path: str, ad, model, ref, ro, a) -> dict[str, float]:
+    """Seconds of the three phases for one rollout batch, and the round's peak RSS growth (GiB)."""
     from egm.rl.grpo import grpo_loss
 
+    set_path(path, model, ref)
+    micros = micro_batches(path, ro, a)
+    base = reset_peak()
     out = {}
-    micros = torch.arange(len(ro)).split(micro)
     for name, m in (("old", model), ("ref", ref)):
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -204,11 +239,14 @@ def run_round(path: str, ad, model, ref, ro, micro: int) -> dict[str, float]:
     t0 = time.perf_counter()
     for idx in micros:
         logp, ent, mask = logprobs(path, model, ad, ro, idx, True)
-        loss, _ = grpo_loss(logp, logp.detach(), adv[idx], mask, None, ent, gamma=0.01, normalizer=norm)
+        loss, _ = grpo_loss(logp.float(), logp.detach().float(), adv[idx], mask, None, ent.float(), gamma=0.01,
+                            normalizer=norm)
         loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     out["update"] = time.perf_counter() - t0
+    out["peak_gib"] = vm("VmHWM") - base
+    out["micro_batches"] = len(micros)
     return out
 
 
@@ -219,6 +257,21 @@ def vm(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def reset_peak() -> float:
+    """Return freed memory to the system and reset the peak RSS (Linux: ``clear_refs`` 5), so that
+    each round's ``VmHWM`` is its own; returns the RSS the round starts from."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    Path("/proc/self/clear_refs").write_text("5")
+    return vm("VmRSS")
+
+
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", choices=["qwen3_vl", "internvl"], default="qwen3_vl")
@@ -226,16 +279,19 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--G", type=int, default=16)
     ap.add_argument("--C", type=int, default=120, help="response tokens")
     ap.add_argument("--text", type=int, default=30, help="text tokens of the prompt (besides the image)")
-    ap.add_argument("--micro", type=int, default=16, help="responses per micro-batch")
+    ap.add_argument("--micro", type=int, default=16, help="responses per micro-batch (without --micro-tokens)")
+    ap.add_argument("--micro-tokens", type=int, default=None,
+                    help="token budget per micro-batch, the same for every path (as GRPOModule's micro_batch_tokens)")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vision-hidden", type=int, default=256)
     ap.add_argument("--vision-depth", type=int, default=2)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    ap.add_argument("--mask", action="store_true", help="also the shared prefix with the dense mask")
     ap.add_argument("--trl", action="store_true", help="also TRL's scoring (needs trl; the test venv has it)")
-    ap.add_argument("--child", choices=["shared", "per_response", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--json", help="write the measurements to this file")
     return ap.parse_args()
 
 
@@ -248,46 +304,39 @@ def main() -> None:
     if a.trl:
         import trl.trainer.utils  # noqa: F401  (imported before timing)
 
+    paths = ["per_response", "shared"] + (["mask"] if a.mask else []) + (["trl"] if a.trl else [])
     with tempfile.TemporaryDirectory() as d:
         ad, model, ref, encs = build(a.family, a, tiny_checkpoint(a.family, Path(d) / "tiny"))
         ro = rollout(ad, encs, a.G, a.C)
-        if a.child:
-            base = vm("VmRSS")
-            run_round(a.child, ad, model, ref, ro, a.micro)
-            print(json.dumps({"peak_gib": vm("VmHWM") - base}))
-            return
-        times: dict[str, list[dict[str, float]]] = {"per_response": [], "shared": [], **({"trl": []} if a.trl else {})}
+        times: dict[str, list[dict[str, float]]] = {p: [] for p in paths}
         for _ in range(a.repeat):
-            for path in times:
-                times[path].append(run_round(path, ad, model, ref, ro, a.micro))
+            for path in paths:
+                times[path].append(run_round(path, ad, model, ref, ro, a))
         P = encs[0]["input_ids"].shape[1]
-    mem = {}
-    if not a.no_memory:
-        for path in times:
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--child", path]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            mem[path] = json.loads(out)["peak_gib"]
-    print(f"{a.family}: P={P} prompt tokens, G={a.G}, C={a.C}, {a.prompts} prompt(s), micro-batch {a.micro} responses, "
+    budget = f"micro-batches of {a.micro_tokens} tokens" if a.micro_tokens else f"micro-batches of {a.micro} responses"
+    print(f"{a.family}: P={P} prompt tokens, G={a.G}, C={a.C}, {a.prompts} prompt(s), {budget}, "
           f"hidden {a.hidden} x {a.layers} layers, vocab {VOCAB}, vision {a.vision_hidden} x {a.vision_depth}, "
-          f"{torch.get_num_threads()} thread(s), CPU, median of {a.repeat}")
+          f"{a.dtype}, {torch.get_num_threads()} thread(s), CPU, median of {a.repeat}")
     print(f"LM token positions per pass: per response {a.prompts * a.G * (P + a.C)}, "
-          f"shared prefix {a.prompts * (P + a.G * (a.C - 1))}")
-    trl = "trl" in times
-    print(f"{'phase':<8}{'per response s':>16}{'shared s':>12}{'speed-up':>10}"
-          + (f"{'TRL s':>10}{'TRL / shared':>14}" if trl else ""))
-    med = {p: {ph: statistics.median(t[ph] for t in ts) for ph in ("old", "ref", "update")} for p, ts in times.items()}
+          f"shared prefix {a.prompts * (P + a.G * (a.C - 1))}; micro-batches per pass: "
+          + ", ".join(f"{PATHS[p]} {times[p][0]['micro_batches']}" for p in paths))
+    med = {p: {ph: statistics.median(t[ph] for t in ts) for ph in ("old", "ref", "update", "peak_gib")}
+           for p, ts in times.items()}
     for p in med:
-        med[p]["all"] = statistics.median(sum(t.values()) for t in times[p])
-    for phase in ("old", "ref", "update", "all"):
-        pr, sh = med["per_response"][phase], med["shared"][phase]
-        print(f"{phase:<8}{pr:>16.2f}{sh:>12.2f}{pr / sh:>9.2f}x"
-              + (f"{med['trl'][phase]:>10.2f}{med['trl'][phase] / sh:>13.2f}x" if trl else ""))
+        med[p]["all"] = statistics.median(t["old"] + t["ref"] + t["update"] for t in times[p])
+    others = [p for p in paths if p != "shared"]
+    print(f"{'phase':<9}" + "".join(f"{PATHS[p] + ' s':>18}" for p in paths)
+          + "".join(f"{PATHS[p] + ' / shared':>22}" for p in others))
+    for phase in ("old", "ref", "update", "all", "peak_gib"):
+        sh = med["shared"][phase]
+        print(f"{phase:<9}" + "".join(f"{med[p][phase]:>18.2f}" for p in paths)
+              + "".join(f"{med[p][phase] / sh:>21.2f}x" for p in others))
+    print("(peak_gib: peak RSS growth of a round, GiB)")
     print("cost model (forward multiply-adds, egm-independent arithmetic), predicted speed-up at this shape:")
     for name, r in cost_model_rows(a, P):
         print(f"  {name:<32}{r:>6.2f}x")
-    if mem:
-        print("peak RSS growth of one round: " + ", ".join(f"{p} {g:.2f} GiB" for p, g in mem.items())
-              + f" (per response / shared {mem['per_response'] / mem['shared']:.2f}x)")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "P": P, "rounds": times, "median": med}, indent=1))
 
 
 if __name__ == "__main__":

@@ -92,6 +92,7 @@ def demo(
     max_objects: int = 1,
     report: bool = True,
     vision_position: str = "sincos",
+    patch_size: int = 8,
 ) -> dict[str, dict[str, float]]:
     """Run the CPU demo (see module docstring); returns ``{row: {split: accuracy}}``.
 
@@ -113,6 +114,10 @@ def demo(
         report: evaluate the export on the test splits and write the report.
         vision_position: the tiny vision tower's initial position code, "sincos" or "random"
             (:func:`egm.models.tiny.make_tiny`; the comparison in docs/demo.md).
+        patch_size: the tiny vision tower's patch side in pixels: 8 gives the demo's 128x128 images
+            64 image tokens (after the 2x2 merge), 16 gives 16. With 16 tokens, whether the
+            model learns *where* things are within the budget was a matter of the seed
+            (docs/demo.md, "What we tried").
     """
     from egm.data.synthetic import make_synthetic
     from egm.models.tiny import make_tiny
@@ -120,7 +125,8 @@ def demo(
     _set_threads(threads)
     t0 = time.perf_counter()
     root_p = Path(root)
-    make_tiny("qwen3_vl", root_p / "tiny_qwen3vl", init_seed=seed, vision_position=vision_position)
+    make_tiny("qwen3_vl", root_p / "tiny_qwen3vl", init_seed=seed, vision_position=vision_position,
+              patch_size=patch_size)
     make_synthetic(str(root_p / "data"), n_train=n_train, n_val=n_val, n_test=n_val,
                    object_scale=object_scale, max_objects=max_objects)
     run = _fit_between_validations(recipe, root_p, seed, {"trainer.max_epochs": max_epochs})

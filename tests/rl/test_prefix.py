@@ -415,9 +415,11 @@ def test_bench_cost_model_by_hand():
     P, G, C = 30, 4, 5
     L = P + G * C
     per_response = G * (P + C) * (per_token_linear + 2 * 64 * (P + C))
-    shared = L * (per_token_linear + 2 * 64 * L)
-    assert bp.predicted_speedup(text, 0, 0.0, P, G, C) == pytest.approx(per_response / shared, rel=1e-12)
+    dense = L * (per_token_linear + 2 * 64 * L)
+    split = P * (per_token_linear + 2 * 64 * P) + G * C * (per_token_linear + 2 * 64 * (P + C))
+    assert bp.predicted_speedup(text, 0, 0.0, P, G, C, "mask") == pytest.approx(per_response / dense, rel=1e-12)
+    assert bp.predicted_speedup(text, 0, 0.0, P, G, C) == pytest.approx(per_response / split, rel=1e-12)
     head = G * C * 64 * 1000
     assert bp.predicted_speedup(text, 1000, 5e6, P, G, C) == pytest.approx(
-        (per_response + G * 5e6 + head) / (shared + 5e6 + head), rel=1e-12)
+        (per_response + G * 5e6 + head) / (split + 5e6 + head), rel=1e-12)
     assert bp.vision_macs(32, 2, 64, 10, 10) == 2 * 10 * (4 * 32 * 32 + 2 * 32 * 64 + 2 * 32 * 10)
