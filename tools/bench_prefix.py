@@ -312,6 +312,7 @@ def main() -> None:
         for _ in range(a.repeat):
             for path in paths:
                 times[path].append(run_round(path, ad, model, ref, ro, a))
+                print(f"  {PATHS[path]}: " + ", ".join(f"{k} {v:.2f}" for k, v in times[path][-1].items()), flush=True)
         P = encs[0]["input_ids"].shape[1]
     budget = f"micro-batches of {a.micro_tokens} tokens" if a.micro_tokens else f"micro-batches of {a.micro} responses"
     print(f"{a.family}: P={P} prompt tokens, G={a.G}, C={a.C}, {a.prompts} prompt(s), {budget}, "

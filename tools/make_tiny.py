@@ -20,7 +20,8 @@ def main(out_dir: str, family: str | None = None, seed: int = 0, vocab_size: int
          text_heads: int = _D["text_heads"], kv_heads: int = _D["kv_heads"], head_dim: int = _D["head_dim"],
          intermediate: int = _D["intermediate"], vision_hidden: int = _D["vision_hidden"],
          vision_depth: int = _D["vision_depth"], vision_heads: int = _D["vision_heads"],
-         image_size: int = _D["image_size"], max_pixels: int = _D["max_pixels"]) -> None:
+         image_size: int = _D["image_size"], max_pixels: int = _D["max_pixels"],
+         patch_size: int = _D["patch_size"]) -> None:
     """Build ``out_dir/<family>`` for each family (or only ``family``).
 
     Args:
@@ -31,7 +32,9 @@ def main(out_dir: str, family: str | None = None, seed: int = 0, vocab_size: int
         text_hidden, text_layers, text_heads, kv_heads, head_dim, intermediate: language model.
         vision_hidden, vision_depth, vision_heads: vision tower.
         image_size: InternVL tile side in pixels (patch = image_size / 8, 16 tokens per tile).
-        max_pixels: Qwen3-VL processor's largest image area (one token per 32x32 pixels).
+        max_pixels: Qwen3-VL processor's largest image area (one token per (2 patch_size)^2 pixels).
+        patch_size: Qwen3-VL vision patch side in pixels (16; the CPU demo uses 8: 4x the image
+            tokens, which is what lets every seed learn *where* things are, docs/demo.md).
     """
     dims = {k: v for k, v in locals().items() if k in _D}
     for fam in [family] if family else FAMILIES:

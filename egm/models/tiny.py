@@ -255,7 +255,8 @@ def default_dims() -> dict[str, int]:
     """Default tiny sizes (every one can be overridden through ``make_tiny(**dims)``).
 
     ``vocab_size`` is an upper bound: the BPE stops when the corpus has no pair left to merge
-    twice (about 640 tokens with the default corpus).
+    twice (about 640 tokens with the default corpus). ``patch_size`` is the Qwen3-VL vision
+    patch side (its position table covers ``max_pixels`` at that patch); the CPU demo uses 8.
     """
     return dict(vocab_size=1024, text_hidden=128, text_layers=2, text_heads=4, kv_heads=2, head_dim=32,
                 intermediate=384, vision_hidden=64, vision_depth=2, vision_heads=4,

@@ -182,3 +182,29 @@ def test_vision_position_code_is_a_smooth_grid_code(tiny_dirs, tmp_path):
     assert (p - sincos_grid(8, 64)).abs().max().item() > 1.0
     with pytest.raises(InputError, match="vision_position"):
         make_tiny("qwen3_vl", tmp_path / "bad", vision_position="learned")
+
+
+def test_demo_patch_size_gives_64_image_tokens_with_a_position_code_per_patch(tmp_path):
+    """Issue 25: the CPU demo's tiny Qwen3-VL uses 8 px patches, so a 128x128 demo image is 16 x 16
+    patches and 64 image tokens after the 2x2 merge (16 with the default 16 px patches), and the
+    vision tower's position table is the sine-cosine code of that 16 x 16 grid (not an
+    interpolation of a coarser one). The model runs on what its own processor produces."""
+    from PIL import Image
+
+    from egm.models import Qwen3VLAdapter
+    from egm.models.tiny import sincos_grid
+
+    tokens = {}
+    for patch in (16, 8):
+        path = make_tiny("qwen3_vl", tmp_path / f"p{patch}", patch_size=patch)
+        ad = Qwen3VLAdapter(str(path), max_pixels=128 * 128)
+        enc = ad.processor(images=[Image.new("RGB", (128, 128), "white")],
+                           text=["<|vision_start|><|image_pad|><|vision_end|>the red circle"], return_tensors="pt")
+        model = ad.load_model()
+        assert model(**enc).logits.shape[:2] == enc["input_ids"].shape
+        tokens[patch] = int((enc["input_ids"] == model.config.image_token_id).sum())
+        table = model.model.visual.pos_embed.weight.detach()
+        g = 128 // patch
+        assert table.shape[0] == g * g
+        torch.testing.assert_close(table, sincos_grid(g, table.shape[1]), rtol=0, atol=1e-6)
+    assert tokens == {16: 16, 8: 64}
