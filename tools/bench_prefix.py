@@ -9,21 +9,24 @@ grid of 30x36 patches (270 tokens after the 2x2 merge); InternVL3: a 640x427 ima
 tokens, and ``G`` responses of ``C`` tokens each. The adapter (collation, padding) is the tiny
 checkpoint's, whose special-token ids the config reuses.
 
-Each phase runs as :class:`egm.rl.module.GRPOModule` runs it, over micro-batches of ``--micro``
-responses, both paths through the chunked head (:mod:`egm.models.head`, 512 tokens per chunk): old log-probs and reference log-probs (``no_grad``; the reference is a frozen copy),
-update (log-probs + exact entropy with grad, :func:`egm.rl.grpo.grpo_loss`, backward, one
-optimiser step). Both paths are timed in this process, alternating, ``--repeat`` times (median).
-Peak memory: one child process per path runs one round and reports its peak RSS growth over its
-RSS after building the models (``VmHWM - VmRSS``, Linux), so the two paths do not share a high-water mark.
+Each phase runs as :class:`egm.rl.module.GRPOModule` runs it, over micro-batches (``--micro``
+responses, or ``--micro-tokens``: the same token budget for every path, each path counting tokens
+as it computes them, groups kept whole by the shared prefix), every path through the chunked head
+(:mod:`egm.models.head`, 512 tokens per chunk): old log-probs and reference log-probs
+(``no_grad``; the reference is a frozen copy), update (log-probs + exact entropy with grad,
+:func:`egm.rl.grpo.grpo_loss`, backward, one optimiser step). The paths alternate in this process,
+``--repeat`` rounds (median): per response, shared prefix with split attention (the default),
+``--mask`` the shared prefix with the dense mask, ``--trl`` TRL GRPOTrainer's scoring on the same
+model and inputs (a whole-sequence forward per response, ``logits_to_keep``,
+``selective_log_softmax``, entropy without gradient). Peak memory: each round's peak RSS growth in
+this process (freed memory returned with ``malloc_trim`` and the high-water mark reset through
+``/proc/self/clear_refs`` before each round; Linux). A cost model (:func:`predicted_speedup`)
+prints the speed-up the arithmetic predicts for this trunk and for the released sizes.
 
-    .venv-test/bin/python tools/bench_prefix.py --family qwen3_vl --G 16 --C 120
-    .venv-test/bin/python tools/bench_prefix.py --family internvl --G 16 --C 120
-    .venv-test/bin/python tools/bench_prefix.py --family qwen3_vl --trl   # + TRL GRPOTrainer's scoring
-
-``--trl`` adds a third path: TRL's scoring as its ``GRPOTrainer`` runs it on the same model and
-inputs (a whole-sequence forward per response, ``logits_to_keep``, ``selective_log_softmax``,
-entropy without gradient). A cost model (:func:`predicted_speedup`) prints the speed-up the
-arithmetic predicts for this trunk and for the released sizes.
+    .venv-test/bin/python tools/bench_prefix.py --family qwen3_vl --G 16 --C 120 --hidden 512 --layers 96 \
+        --micro-tokens 4096 --dtype bfloat16 --trl --repeat 2 --threads 2
+    .venv-test/bin/python tools/bench_prefix.py --family internvl --G 16 --C 120 --hidden 512 --layers 48 \
+        --micro-tokens 4096 --dtype bfloat16 --trl --repeat 1 --threads 2
 """
 
 from __future__ import annotations
@@ -327,11 +330,11 @@ def main() -> None:
         med[p]["all"] = statistics.median(t["old"] + t["ref"] + t["update"] for t in times[p])
     others = [p for p in paths if p != "shared"]
     print(f"{'phase':<9}" + "".join(f"{PATHS[p] + ' s':>18}" for p in paths)
-          + "".join(f"{PATHS[p] + ' / shared':>22}" for p in others))
+          + "".join(f"{PATHS[p] + ' / shared':>26}" for p in others))
     for phase in ("old", "ref", "update", "all", "peak_gib"):
         sh = med["shared"][phase]
         print(f"{phase:<9}" + "".join(f"{med[p][phase]:>18.2f}" for p in paths)
-              + "".join(f"{med[p][phase] / sh:>21.2f}x" for p in others))
+              + "".join(f"{med[p][phase] / sh:>25.2f}x" for p in others))
     print("(peak_gib: peak RSS growth of a round, GiB)")
     print("cost model (forward multiply-adds, egm-independent arithmetic), predicted speed-up at this shape:")
     for name, r in cost_model_rows(a, P):
