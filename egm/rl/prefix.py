@@ -97,8 +97,7 @@ class SplitLayout:
     padded slots gather position 0 and are masked as keys, and their outputs are dropped).
 
     Attributes:
-        prefix_index: ``(R, Pm)`` row positions of the prompt tokens.
-        prefix_mask: ``(R, 1, Pm, Pm)`` boolean, causal over the real prompt tokens.
+        prefix_index: ``(R, Pm)`` row positions of the prompt tokens (attended causally).
         comp_index: ``(R, G * C)`` row positions of the completion inputs, slot by slot.
         comp_mask: ``(R * G, 1, C, Pm + C)`` boolean: the real prompt tokens, then causal over
             the completion's own tokens.
@@ -107,7 +106,6 @@ class SplitLayout:
     """
 
     prefix_index: Tensor
-    prefix_mask: Tensor
     comp_index: Tensor
     comp_mask: Tensor
     source: Tensor
@@ -115,8 +113,8 @@ class SplitLayout:
     width: int
 
     def to(self, device: torch.device | str) -> SplitLayout:
-        return SplitLayout(self.prefix_index.to(device), self.prefix_mask.to(device), self.comp_index.to(device),
-                           self.comp_mask.to(device), self.source.to(device), self.groups, self.width)
+        return SplitLayout(self.prefix_index.to(device), self.comp_index.to(device), self.comp_mask.to(device),
+                           self.source.to(device), self.groups, self.width)
 
 
 def split_layout(segments: Tensor) -> SplitLayout:
@@ -139,12 +137,10 @@ def split_layout(segments: Tensor) -> SplitLayout:
         for g, c in enumerate(segs[1:]):
             comp_index[r, g, :len(c)] = c
             source[r, c] = R * Pm + (r * G + g) * C + torch.arange(len(c))
-    causal = torch.ones(Pm, Pm, dtype=torch.bool).tril()
-    prefix_mask = (causal[None] & prefix_valid[:, None, :])[:, None]
     own = torch.ones(C, C, dtype=torch.bool).tril()
     comp_mask = torch.cat([prefix_valid[:, None, None, :].expand(R, G, C, Pm),
                            own[None, None].expand(R, G, C, C)], -1).reshape(R * G, 1, C, Pm + C)
-    return SplitLayout(prefix_index, prefix_mask, comp_index.reshape(R, G * C), comp_mask, source.reshape(-1), G, C)
+    return SplitLayout(prefix_index, comp_index.reshape(R, G * C), comp_mask, source.reshape(-1), G, C)
 
 
 def split_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -156,8 +152,10 @@ def split_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor, 
 
     ``query`` ``(R, H, L, d)``, ``key``/``value`` ``(R, H_kv, L, d)``; returns ``(R, L, H, d)``.
     The prompt's keys and values are expanded over the ``G`` completion slots, so their gradient
-    is the sum over the completions that read them. Both halves are transformers' own SDPA
-    function (grouped-query heads, scaling and dropout as in the ordinary forward).
+    is the sum over the completions that read them; with gradients on, that expansion and the
+    completions' attention are recomputed in backward (``torch.utils.checkpoint``) rather than
+    kept, so a row holds the prompt's K/V once, not ``G`` times. Both halves are transformers'
+    own SDPA function (grouped-query heads, scaling and dropout as in the ordinary forward).
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -171,7 +169,9 @@ def split_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor, 
         return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, d))
 
     qp, kp, vp = (take(x, layout.prefix_index) for x in (query, key, value))
-    out_p, _ = sdpa(module, qp, kp, vp, layout.prefix_mask, dropout=dropout, scaling=scaling, is_causal=False)
+    # prompts are right-padded within their block, so plain causal attention never lets a real
+    # prompt token see padding (padded queries are dropped): no mask, the causal kernel
+    out_p, _ = sdpa(module, qp, kp, vp, None, dropout=dropout, scaling=scaling, is_causal=True)
     parts = [out_p.reshape(-1, H, d)]  # (R * Pm, H, d)
     if layout.width:
         G, C = layout.groups, layout.width
@@ -183,9 +183,18 @@ def split_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor, 
             shared = prompt[:, None].expand(R, G, *prompt.shape[1:]).reshape(R * G, *prompt.shape[1:])
             return torch.cat([shared, own], 2)
 
+        def completions(qc: Tensor, kc: Tensor, vc: Tensor, kp: Tensor, vp: Tensor) -> Tensor:
+            out, _ = sdpa(module, qc, after_prompt(kc, kp), after_prompt(vc, vp), layout.comp_mask,
+                          dropout=dropout, scaling=scaling, is_causal=False)
+            return out
+
         qc, kc, vc = (slots(take(x, layout.comp_index)) for x in (query, key, value))
-        out_c, _ = sdpa(module, qc, after_prompt(kc, kp), after_prompt(vc, vp), layout.comp_mask, dropout=dropout,
-                        scaling=scaling, is_causal=False)
+        if torch.is_grad_enabled() and not dropout:
+            # the prompt's keys and values expanded G times would be saved for backward in every
+            # layer (G x the prompt's K/V): recompute them in backward from the unexpanded ones
+            out_c = torch.utils.checkpoint.checkpoint(completions, qc, kc, vc, kp, vp, use_reentrant=False)
+        else:
+            out_c = completions(qc, kc, vc, kp, vp)
         parts.append(out_c.reshape(-1, H, d))  # (R * G * C, H, d)
     parts.append(query.new_zeros(1, H, d))
     return torch.cat(parts)[layout.source].view(R, L, H, d), None
