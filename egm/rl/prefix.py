@@ -51,6 +51,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from egm.generation.rollout import Rollout
 from egm.models.base import GroundingAdapter
@@ -157,8 +160,6 @@ def split_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor, 
     kept, so a row holds the prompt's K/V once, not ``G`` times. Both halves are transformers'
     own SDPA function (grouped-query heads, scaling and dropout as in the ordinary forward).
     """
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     layout: SplitLayout | None = kwargs.pop(LAYOUT_KWARG, None)
     if layout is None:
@@ -200,15 +201,8 @@ def split_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor, 
     return torch.cat(parts)[layout.source].view(R, L, H, d), None
 
 
-def _register_split_attention() -> None:
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    AttentionInterface.register(SPLIT_ATTENTION, split_prefix_attention)
-    AttentionMaskInterface.register(SPLIT_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-
-
-_register_split_attention()
+AttentionInterface.register(SPLIT_ATTENTION, split_prefix_attention)
+AttentionMaskInterface.register(SPLIT_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
 def use_split_attention(model: torch.nn.Module) -> str | None:
