@@ -46,7 +46,7 @@ def _scaled(z: Tensor, temperature: float) -> Tensor:
     """A fresh float32 (or float64) copy of ``z / temperature``, safe to modify in place."""
     out = z.to(_compute_dtype(z.dtype), copy=True)
     if temperature > 0 and temperature != 1.0:
-        out.div_(temperature)
+        out.mul_(1.0 / temperature)
     return out
 
 
@@ -54,42 +54,69 @@ class _LogprobEntropy(torch.autograd.Function):
     """``z (n, V) -> (logp (n,), entropy (n,))`` of ``softmax(z / T)``, with the gradient written out:
 
     d logp_k / d z_j = ([j = k] - p_j) / T,    d H / d z_j = -p_j (log p_j + H) / T.
+
+    Each pass over the ``(n, V)`` logits is a memory-bound sweep of ``V = 151,936`` floats per
+    token, so the passes are counted: the forward takes 7 (copy, scale, max, shift, exp, sum, and
+    one batched dot product ``sum_j e_j s_j`` for the entropy), the backward 7 (copy, shift,
+    exp, multiply-add, product, cast back).
+
+    ``stats``: under activation checkpointing (:func:`chunked_logprobs`) the chunk is recomputed
+    in backward only to get its logits back; the first forward leaves its ``logsumexp`` and
+    entropy in this dict and the recomputation reuses them instead of sweeping the logits again.
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, targets: Tensor, temperature: float, with_entropy: bool):
-        s = _scaled(z, temperature)
-        lse = torch.logsumexp(s, dim=-1)
-        logp = s.gather(-1, targets[:, None]).squeeze(-1) - lse
-        ent = None
-        if with_entropy:
-            s.sub_(lse[:, None])  # log p
-            ent = -(s.exp().mul_(s)).sum(-1)
+    def forward(ctx, z: Tensor, targets: Tensor, temperature: float, with_entropy: bool,
+                stats: dict | None = None):
         ctx.temperature, ctx.with_entropy = temperature, with_entropy
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(z, targets, lse, ent if ent is not None else lse.new_empty(0))
+        if stats is not None and "lse" in stats:  # checkpoint's recomputation: the logits are what it is for
+            lse, ent = stats["lse"], stats["ent"]
+            scale = 1.0 / temperature if temperature > 0 else 1.0
+            logp = z.gather(-1, targets[:, None]).squeeze(-1).to(lse.dtype) * scale - lse
+            ctx.save_for_backward(z, targets, lse, ent)
+            return logp, (ent if with_entropy else None)
+        s = _scaled(z, temperature)
+        m = s.amax(-1, keepdim=True)
+        s.sub_(m)  # s_j = z_j / T - max: log p_j = s_j - log S
+        e = s.exp()
+        total = e.sum(-1)
+        log_total = total.log()
+        lse = m.squeeze(-1) + log_total
+        logp = s.gather(-1, targets[:, None]).squeeze(-1) - log_total
+        ent = None
+        if with_entropy:  # H = -sum p log p = log S - sum_j e_j s_j / S
+            dot = torch.bmm(e[:, None, :], s[:, :, None]).reshape(-1)
+            ent = log_total - dot / total
+        del s, e
+        if stats is not None:
+            stats["lse"], stats["ent"] = lse, (ent.detach() if ent is not None else lse.new_empty(0))
+        ctx.save_for_backward(z, targets, lse, ent.detach() if ent is not None else lse.new_empty(0))
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp: Tensor | None, g_ent: Tensor | None):
         z, targets, lse, ent = ctx.saved_tensors
-        s = _scaled(z, ctx.temperature).sub_(lse[:, None])  # log p, (n, V)
+        T = ctx.temperature if ctx.temperature > 0 and ctx.temperature != 1.0 else 1.0
+        s = z.to(_compute_dtype(z.dtype), copy=True)
+        s = torch.add(-lse[:, None], s, alpha=1.0 / T, out=s)  # log p = z / T - lse, (n, V)
         p = s.exp()
-        if ctx.with_entropy and g_ent is not None:
-            grad = s.add_(ent[:, None]).mul_(p).mul_(-g_ent[:, None])  # reuses the log p buffer
-        else:
-            grad = s.zero_()
-        if g_logp is not None:
-            grad.sub_(p.mul_(g_logp[:, None]))
-            grad.scatter_add_(-1, targets[:, None], g_logp[:, None].to(grad.dtype))
+        # grad_j = p_j (a log p_j + b) + [j = k] g_logp / T, with per-token a and b
+        zero = s.new_zeros(s.shape[0])
+        g_l = zero if g_logp is None else g_logp.to(s.dtype)
+        g_e = zero if (g_ent is None or not ctx.with_entropy) else g_ent.to(s.dtype)
+        b = -(g_e * ent + g_l) / T if ctx.with_entropy and g_ent is not None else -g_l / T
+        a = -g_e / T
+        grad = s.mul_(a[:, None]).add_(b[:, None]).mul_(p)
         del p
-        if ctx.temperature > 0 and ctx.temperature != 1.0:
-            grad.div_(ctx.temperature)
-        return grad.to(z.dtype), None, None, None
+        if g_logp is not None:
+            grad.scatter_add_(-1, targets[:, None], (g_l / T)[:, None])
+        return grad.to(z.dtype), None, None, None, None
 
 
-def _chunk(head: torch.nn.Module, h: Tensor, targets: Tensor, temperature: float, with_entropy: bool):
-    return _LogprobEntropy.apply(head(h), targets, temperature, with_entropy)
+def _chunk(head: torch.nn.Module, h: Tensor, targets: Tensor, temperature: float, with_entropy: bool,
+           stats: dict | None = None):
+    return _LogprobEntropy.apply(head(h), targets, temperature, with_entropy, stats)
 
 
 def chunked_logprobs(hidden: Tensor, head: torch.nn.Module, targets: Tensor, temperature: float = 1.0,
@@ -109,7 +136,7 @@ def chunked_logprobs(hidden: Tensor, head: torch.nn.Module, targets: Tensor, tem
     for s in range(0, n, chunk_tokens):
         h, t = hidden[s:s + chunk_tokens], targets[s:s + chunk_tokens]
         if grad:
-            lp, ent = checkpoint(_chunk, head, h, t, temperature, with_entropy, use_reentrant=False)
+            lp, ent = checkpoint(_chunk, head, h, t, temperature, with_entropy, {}, use_reentrant=False)
         else:
             lp, ent = _chunk(head, h, t, temperature, with_entropy)
         logps.append(lp)
