@@ -58,6 +58,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from egm.generation.rollout import Rollout
 from egm.models.base import GroundingAdapter
 from egm.models.head import DEFAULT_CHUNK_TOKENS, hf_model, masked_logprobs, output_head, trunk_hidden_states
+from egm.rl import merged_attention
 
 SPLIT_ATTENTION = "egm_split_prefix"
 LAYOUT_KWARG = "egm_prefix_layout"
@@ -101,6 +102,7 @@ class SplitLayout:
 
     Attributes:
         prefix_index: ``(R, Pm)`` row positions of the prompt tokens (attended causally).
+        prefix_valid: ``(R, Pm)`` boolean: the real prompt tokens (False on a shorter prompt's padding).
         comp_index: ``(R, G * C)`` row positions of the completion inputs, slot by slot.
         comp_mask: ``(R * G, 1, C, Pm + C)`` boolean: the real prompt tokens, then causal over
             the completion's own tokens.
@@ -109,6 +111,7 @@ class SplitLayout:
     """
 
     prefix_index: Tensor
+    prefix_valid: Tensor
     comp_index: Tensor
     comp_mask: Tensor
     source: Tensor
@@ -116,8 +119,8 @@ class SplitLayout:
     width: int
 
     def to(self, device: torch.device | str) -> SplitLayout:
-        return SplitLayout(self.prefix_index.to(device), self.comp_index.to(device), self.comp_mask.to(device),
-                           self.source.to(device), self.groups, self.width)
+        return SplitLayout(self.prefix_index.to(device), self.prefix_valid.to(device), self.comp_index.to(device),
+                           self.comp_mask.to(device), self.source.to(device), self.groups, self.width)
 
 
 def split_layout(segments: Tensor) -> SplitLayout:
@@ -143,7 +146,7 @@ def split_layout(segments: Tensor) -> SplitLayout:
     own = torch.ones(C, C, dtype=torch.bool).tril()
     comp_mask = torch.cat([prefix_valid[:, None, None, :].expand(R, G, C, Pm),
                            own[None, None].expand(R, G, C, C)], -1).reshape(R * G, 1, C, Pm + C)
-    return SplitLayout(prefix_index, comp_index.reshape(R, G * C), comp_mask, source.reshape(-1), G, C)
+    return SplitLayout(prefix_index, prefix_valid, comp_index.reshape(R, G * C), comp_mask, source.reshape(-1), G, C)
 
 
 def split_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -154,11 +157,15 @@ def split_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor, 
     otherwise.
 
     ``query`` ``(R, H, L, d)``, ``key``/``value`` ``(R, H_kv, L, d)``; returns ``(R, L, H, d)``.
-    The prompt's keys and values are expanded over the ``G`` completion slots, so their gradient
-    is the sum over the completions that read them; with gradients on, that expansion and the
-    completions' attention are recomputed in backward (``torch.utils.checkpoint``) rather than
-    kept, so a row holds the prompt's K/V once, not ``G`` times. Both halves are transformers'
-    own SDPA function (grouped-query heads, scaling and dropout as in the ordinary forward).
+    The prompt block is transformers' own SDPA function (causal kernel, grouped-query heads,
+    scaling). The completions, on CPU: :func:`egm.rl.merged_attention.prefix_completion_attention`
+    (all completion queries against the prompt's K/V in one kernel call, each completion against
+    its own in a second, merged by log-sum-exp; nothing copied, nothing recomputed). Elsewhere (or
+    with dropout): SDPA of each completion over ``[prompt K/V ; its own K/V]`` with the prompt's
+    K/V expanded over the ``G`` slots; with gradients on, that expansion and the attention are
+    recomputed in backward (``torch.utils.checkpoint``) rather than kept, so a row holds the
+    prompt's K/V once, not ``G`` times. Either way the prompt's K/V gradient is the sum over the
+    completions that read it.
     """
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     layout: SplitLayout | None = kwargs.pop(LAYOUT_KWARG, None)
@@ -189,13 +196,19 @@ def split_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor, 
                           dropout=dropout, scaling=scaling, is_causal=False)
             return out
 
-        qc, kc, vc = (slots(take(x, layout.comp_index)) for x in (query, key, value))
-        if torch.is_grad_enabled() and not dropout:
+        qc, kc, vc = (take(x, layout.comp_index) for x in (query, key, value))
+        if merged_attention.supported(query, dropout):
+            # all completion queries against the prompt in one kernel call, each completion against
+            # its own keys in another, merged by log-sum-exp: no copy of the prompt's K/V
+            out_c = merged_attention.prefix_completion_attention(qc, kp, vp, kc, vc, layout.prefix_valid, G, C,
+                                                                 scaling).transpose(1, 2)
+        elif torch.is_grad_enabled() and not dropout:
+            qc, kc, vc = slots(qc), slots(kc), slots(vc)
             # the prompt's keys and values expanded G times would be saved for backward in every
             # layer (G x the prompt's K/V): recompute them in backward from the unexpanded ones
             out_c = torch.utils.checkpoint.checkpoint(completions, qc, kc, vc, kp, vp, use_reentrant=False)
         else:
-            out_c = completions(qc, kc, vc, kp, vp)
+            out_c = completions(slots(qc), slots(kc), slots(vc), kp, vp)
         parts.append(out_c.reshape(-1, H, d))  # (R * G * C, H, d)
     parts.append(query.new_zeros(1, H, d))
     return torch.cat(parts)[layout.source].view(R, L, H, d), None

@@ -22,6 +22,7 @@ from PIL import Image
 from egm.generation.rollout import Rollout, encode_prompts
 from egm.models import InternVLAdapter, Qwen3VLAdapter
 from egm.models.base import LoraSettings, disable_dropout
+from egm.rl import merged_attention
 from egm.rl.grpo import entropy_from_logits
 from egm.rl.prefix import (SPLIT_ATTENTION, attention_implementation, pack_groups, packed_positions,
                            prefix_micro_batches, shared_prefix_logprobs, shared_prefix_mask, shared_prefix_support,
@@ -69,6 +70,22 @@ def load(tiny_dirs, family, dtype="float64", attn="sdpa", lora=False, checkpoint
     if split:
         assert use_split_attention(model) is None and attention_implementation(model) == SPLIT_ATTENTION
     return ad, model
+
+
+def merged_spy(monkeypatch, enabled: bool) -> list:
+    """Record the calls of the log-sum-exp merged completions' attention; ``enabled=False`` makes
+    it unsupported, as on a device without the kernel (the copied-K/V path runs then)."""
+    calls = []
+    real = merged_attention.prefix_completion_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merged_attention, "prefix_completion_attention", spy)
+    if not enabled:
+        monkeypatch.setattr(merged_attention, "supported", lambda *a, **k: False)
+    return calls
 
 
 def grads(model) -> dict[str, torch.Tensor]:
@@ -119,11 +136,16 @@ def assert_same(model, ad, ro, idx, tol):
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "internvl"])
-@pytest.mark.parametrize("variant", ["split", "split-lora", "split-checkpointing", "mask", "mask-lora",
-                                     "mask-checkpointing", "mask-eager"])
-def test_float64_equals_per_response(tiny_dirs, family, variant):
+@pytest.mark.parametrize("variant", ["split", "split-lora", "split-checkpointing", "copied", "copied-checkpointing",
+                                     "mask", "mask-lora", "mask-checkpointing", "mask-eager"])
+def test_float64_equals_per_response(tiny_dirs, family, variant, monkeypatch):
     """Both ways of keeping completions apart (split attention, dense mask), against the
-    per-response HF forward (which runs plain SDPA: the split function without a layout)."""
+    per-response HF forward (which runs plain SDPA: the split function without a layout).
+    ``split``: the completions' attention merged by log-sum-exp (the CPU kernel, counted);
+    ``copied``: split attention as it runs off CPU, the prompt's K/V copied per completion."""
+    calls = merged_spy(monkeypatch, enabled=not variant.startswith("copied"))
+    if variant.startswith("copied"):
+        variant = variant.replace("copied", "split")
     ad, model = load(tiny_dirs, family, "float64", attn="eager" if variant.endswith("eager") else "sdpa",
                      lora=variant.endswith("lora"), checkpointing=variant.endswith("checkpointing"),
                      split=variant.startswith("split"))
@@ -133,6 +155,7 @@ def test_float64_equals_per_response(tiny_dirs, family, variant):
     dense = packed.inputs["attention_mask"].shape == (R, 1, L, L)
     assert dense == variant.startswith("mask")  # split: no (L, L) mask is built
     g = assert_same(model, ad, ro, ORDER, 1e-6)
+    assert (len(calls) > 0) == (variant.startswith("split") and merged_attention.supported(packed.index))
     if variant.endswith("lora"):
         assert any("lora_A" in k for k in g) and not any("lora" not in k for k in g)
     else:  # the vision tower is trained through the one shared encoding
@@ -140,9 +163,10 @@ def test_float64_equals_per_response(tiny_dirs, family, variant):
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "internvl"])
-@pytest.mark.parametrize("split", [True, False], ids=["split", "mask"])
-def test_float32_equals_per_response_on_a_partial_group(tiny_dirs, family, split):
-    ad, model = load(tiny_dirs, family, "float32", split=split)
+@pytest.mark.parametrize("kind", ["split", "copied", "mask"])
+def test_float32_equals_per_response_on_a_partial_group(tiny_dirs, family, kind, monkeypatch):
+    merged_spy(monkeypatch, enabled=kind != "copied")
+    ad, model = load(tiny_dirs, family, "float32", split=kind != "mask")
     ro = make_rollout(ad)
     assert_same(model, ad, ro, [5, 0, 3], 1e-5)  # a micro-batch holding parts of both groups
 
