@@ -57,7 +57,8 @@ class _LogprobEntropy(torch.autograd.Function):
 
     Each pass over the ``(n, V)`` logits is a memory-bound sweep of ``V = 151,936`` floats per
     token, so the passes are counted: the forward takes 7 (copy, scale, max, shift, exp, sum, and
-    one batched dot product ``sum_j e_j s_j`` for the entropy), the backward 7 (copy, shift,
+    one batched dot product ``sum_j e_j s_j`` for the entropy; without the entropy the exponentials
+    overwrite the shifted logits, so no second buffer is allocated), the backward 7 (copy, shift,
     exp, multiply-add, product, cast back).
 
     ``stats``: under activation checkpointing (:func:`chunked_logprobs`) the chunk is recomputed
@@ -79,16 +80,19 @@ class _LogprobEntropy(torch.autograd.Function):
         s = _scaled(z, temperature)
         m = s.amax(-1, keepdim=True)
         s.sub_(m)  # s_j = z_j / T - max: log p_j = s_j - log S
-        e = s.exp()
-        total = e.sum(-1)
-        log_total = total.log()
-        lse = m.squeeze(-1) + log_total
-        logp = s.gather(-1, targets[:, None]).squeeze(-1) - log_total
+        target = s.gather(-1, targets[:, None]).squeeze(-1)
         ent = None
         if with_entropy:  # H = -sum p log p = log S - sum_j e_j s_j / S
-            dot = torch.bmm(e[:, None, :], s[:, :, None]).reshape(-1)
-            ent = log_total - dot / total
-        del s, e
+            e = s.exp()
+            total = e.sum(-1)
+            ent = total.log() - torch.bmm(e[:, None, :], s[:, :, None]).reshape(-1) / total
+            del e
+        else:  # no second buffer: the exponentials overwrite s
+            total = s.exp_().sum(-1)
+        del s
+        log_total = total.log()
+        lse = m.squeeze(-1) + log_total
+        logp = target - log_total
         if stats is not None:
             stats["lse"], stats["ent"] = lse, (ent.detach() if ent is not None else lse.new_empty(0))
         ctx.save_for_backward(z, targets, lse, ent.detach() if ent is not None else lse.new_empty(0))
