@@ -42,12 +42,31 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _scaled(z: Tensor, temperature: float) -> Tensor:
-    """A fresh float32 (or float64) copy of ``z / temperature``, safe to modify in place."""
-    out = z.to(_compute_dtype(z.dtype), copy=True)
+def _scaled(z: Tensor, temperature: float, out: Tensor | None = None) -> Tensor:
+    """A float32 (or float64) copy of ``z / temperature``, safe to modify in place: fresh, or
+    written into ``out``."""
+    out = z.to(_compute_dtype(z.dtype), copy=True) if out is None else out.copy_(z)
     if temperature > 0 and temperature != 1.0:
         out.mul_(1.0 / temperature)
     return out
+
+
+def _buffer(stats: dict | None, name: str, z: Tensor) -> Tensor | None:
+    """A ``z``-shaped float32 (float64) buffer kept in ``stats["buffers"]`` (shared by the chunks
+    of one :func:`chunked_logprobs` call), or ``None`` without one.
+
+    Why: a fresh 0.3 GB buffer per chunk is fresh pages from the operating system on CPU (glibc
+    maps blocks this large anew on every allocation), which costs about as much as the
+    arithmetic of a sweep; reusing one buffer across the chunks of a call avoids it. (CUDA's
+    caching allocator reuses blocks anyway.)"""
+    ws = None if stats is None else stats.get("buffers")
+    if ws is None:
+        return None
+    dtype, (n, V) = _compute_dtype(z.dtype), z.shape
+    buf = ws.get(name)
+    if buf is None or buf.shape[0] < n or buf.shape[1] != V or buf.dtype != dtype or buf.device != z.device:
+        buf = ws[name] = torch.empty(n, V, dtype=dtype, device=z.device)
+    return buf[:n]
 
 
 class _LogprobEntropy(torch.autograd.Function):
@@ -64,12 +83,16 @@ class _LogprobEntropy(torch.autograd.Function):
     ``stats``: under activation checkpointing (:func:`chunked_logprobs`) the chunk is recomputed
     in backward only to get its logits back; the first forward leaves its ``logsumexp`` and
     entropy in this dict and the recomputation reuses them instead of sweeping the logits again.
+    Its ``"buffers"`` (:func:`_buffer`) hold the forward's two float buffers across chunks, and
+    ``stats["backward"]`` (``{"buffers": ..., "pending": chunks}``) the backward's, freed by the
+    last chunk's backward (all of them run before the trunk's backward, which needs their sum).
     """
 
     @staticmethod
     def forward(ctx, z: Tensor, targets: Tensor, temperature: float, with_entropy: bool,
                 stats: dict | None = None):
         ctx.temperature, ctx.with_entropy = temperature, with_entropy
+        ctx.backward_stats = None if stats is None else stats.get("backward")
         ctx.set_materialize_grads(False)
         if stats is not None and "lse" in stats:  # checkpoint's recomputation: the logits are what it is for
             lse, ent = stats["lse"], stats["ent"]
@@ -77,13 +100,14 @@ class _LogprobEntropy(torch.autograd.Function):
             logp = z.gather(-1, targets[:, None]).squeeze(-1).to(lse.dtype) * scale - lse
             ctx.save_for_backward(z, targets, lse, ent)
             return logp, (ent if with_entropy else None)
-        s = _scaled(z, temperature)
+        s = _scaled(z, temperature, _buffer(stats, "s", z))
         m = s.amax(-1, keepdim=True)
         s.sub_(m)  # s_j = z_j / T - max: log p_j = s_j - log S
         target = s.gather(-1, targets[:, None]).squeeze(-1)
         ent = None
         if with_entropy:  # H = -sum p log p = log S - sum_j e_j s_j / S
-            e = s.exp()
+            e = _buffer(stats, "e", z)
+            e = s.exp() if e is None else torch.exp(s, out=e)
             total = e.sum(-1)
             ent = total.log() - torch.bmm(e[:, None, :], s[:, :, None]).reshape(-1) / total
             del e
@@ -102,9 +126,10 @@ class _LogprobEntropy(torch.autograd.Function):
     def backward(ctx, g_logp: Tensor | None, g_ent: Tensor | None):
         z, targets, lse, ent = ctx.saved_tensors
         T = ctx.temperature if ctx.temperature > 0 and ctx.temperature != 1.0 else 1.0
-        s = z.to(_compute_dtype(z.dtype), copy=True)
+        s = _scaled(z, 1.0, _buffer(ctx.backward_stats, "s", z))
         s = torch.add(-lse[:, None], s, alpha=1.0 / T, out=s)  # log p = z / T - lse, (n, V)
-        p = s.exp()
+        p = _buffer(ctx.backward_stats, "p", z)
+        p = s.exp() if p is None else torch.exp(s, out=p)
         # grad_j = p_j (a log p_j + b) + [j = k] g_logp / T, with per-token a and b
         zero = s.new_zeros(s.shape[0])
         g_l = zero if g_logp is None else g_logp.to(s.dtype)
@@ -115,7 +140,12 @@ class _LogprobEntropy(torch.autograd.Function):
         del p
         if g_logp is not None:
             grad.scatter_add_(-1, targets[:, None], (g_l / T)[:, None])
-        return grad.to(z.dtype), None, None, None, None
+        grad = grad.to(z.dtype, copy=True)  # never the shared buffer itself
+        if ctx.backward_stats is not None:  # the last chunk's backward frees the shared buffers
+            ctx.backward_stats["pending"] -= 1
+            if ctx.backward_stats["pending"] <= 0:
+                ctx.backward_stats["buffers"].clear()
+        return grad, None, None, None, None
 
 
 def _chunk(head: torch.nn.Module, h: Tensor, targets: Tensor, temperature: float, with_entropy: bool,
@@ -137,15 +167,19 @@ def chunked_logprobs(hidden: Tensor, head: torch.nn.Module, targets: Tensor, tem
     n = hidden.shape[0]
     grad = torch.is_grad_enabled()
     logps, ents = [], []
+    buffers: dict[str, Tensor] = {}  # the forward's float buffers, shared by the chunks, freed below
+    backward = {"buffers": {}, "pending": -(-n // chunk_tokens)}  # the backward's, freed by its last chunk
     for s in range(0, n, chunk_tokens):
         h, t = hidden[s:s + chunk_tokens], targets[s:s + chunk_tokens]
+        stats = {"buffers": buffers, "backward": backward}
         if grad:
-            lp, ent = checkpoint(_chunk, head, h, t, temperature, with_entropy, {}, use_reentrant=False)
+            lp, ent = checkpoint(_chunk, head, h, t, temperature, with_entropy, stats, use_reentrant=False)
         else:
-            lp, ent = _chunk(head, h, t, temperature, with_entropy)
+            lp, ent = _chunk(head, h, t, temperature, with_entropy, stats)
         logps.append(lp)
         if with_entropy:
             ents.append(ent if entropy_grad else ent.detach())
+    buffers.clear()  # checkpoint keeps each chunk's arguments until backward: drop the buffers now
     dtype = _compute_dtype(hidden.dtype if n == 0 else logps[0].dtype)
     logp = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=dtype)
     ent = (torch.cat(ents) if ents else hidden.new_zeros(0, dtype=dtype)) if with_entropy else None
