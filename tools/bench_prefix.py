@@ -26,7 +26,7 @@ prints the speed-up the arithmetic predicts for this trunk and for the released 
     .venv-test/bin/python tools/bench_prefix.py --family qwen3_vl --G 16 --C 120 --hidden 512 --layers 96 \
         --micro-tokens 4096 --dtype bfloat16 --trl --repeat 2 --threads 2
     .venv-test/bin/python tools/bench_prefix.py --family internvl --G 16 --C 120 --hidden 512 --layers 48 \
-        --micro-tokens 4096 --dtype bfloat16 --trl --repeat 1 --threads 2
+        --micro-tokens 4096 --dtype bfloat16 --trl --repeat 2 --threads 2
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_EXPECTED_FORWARD = ("query", "key", "value", "dropout_p", "is_causal", "attn_mask", "scale")
-_EXPECTED_BACKWARD = ("grad_out", "query", "key", "value", "out", "logsumexp", "dropout_p", "is_causal",
+EXPECTED_FORWARD_ARGS = ("query", "key", "value", "dropout_p", "is_causal", "attn_mask", "scale")
+EXPECTED_BACKWARD_ARGS = ("grad_out", "query", "key", "value", "out", "logsumexp", "dropout_p", "is_causal",
                       "attn_mask", "scale")
 
 
@@ -49,7 +49,7 @@ def kernel_schema() -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     return tuple(a.name for a in fwd._schema.arguments), tuple(a.name for a in bwd._schema.arguments)
 
 
-_SUPPORTED = kernel_schema() == (_EXPECTED_FORWARD, _EXPECTED_BACKWARD)
+_SUPPORTED = kernel_schema() == (EXPECTED_FORWARD_ARGS, EXPECTED_BACKWARD_ARGS)
 
 
 def supported(query: Tensor, dropout: float = 0.0) -> bool:

@@ -44,7 +44,7 @@ def rel(a, b):
 def test_the_private_kernels_are_the_ones_this_module_was_written_against():
     """Fails on a PyTorch release that renames or changes the CPU flash-attention operators
     (the shared-prefix forward then falls back to the copied-K/V path: slower, same numbers)."""
-    assert kernel_schema() == (merged_attention._EXPECTED_FORWARD, merged_attention._EXPECTED_BACKWARD)
+    assert kernel_schema() == (merged_attention.EXPECTED_FORWARD_ARGS, merged_attention.EXPECTED_BACKWARD_ARGS)
     assert supported(torch.zeros(1))
     assert not supported(torch.zeros(1), dropout=0.1)
     assert not supported(torch.zeros(1, device="meta"))
