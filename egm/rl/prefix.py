@@ -27,9 +27,10 @@ up to rounding (``tests/rl/test_prefix.py``).
 Two ways to keep completions apart inside a row:
 
 * **split attention** (:data:`SPLIT_ATTENTION`, the default of :class:`egm.rl.module.GRPOModule`;
-  PrefixGrouper's design): each layer runs causal SDPA over the prompt, then SDPA of each
-  completion over ``[prompt K/V ; its own K/V]``, ``G C (P + C)`` scores per row instead of the
-  ``L^2`` of one dense mask. It is an attention function registered with transformers'
+  PrefixGrouper's design): each layer runs causal SDPA over the prompt, then each completion's
+  attention over ``[prompt K/V ; its own K/V]`` (on CPU two kernel calls merged by log-sum-exp,
+  :mod:`egm.rl.merged_attention`), ``G C (P + C)`` scores per row instead of the ``L^2`` of one
+  dense mask. It is an attention function registered with transformers'
   ``AttentionInterface`` under its own name; :func:`use_split_attention` switches a model's
   language model to it. Called without a :class:`SplitLayout` (generation, SFT, per-response
   scoring) it *is* SDPA, mask function included, so the switch changes nothing else. The layout
