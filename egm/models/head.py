@@ -83,16 +83,16 @@ class _LogprobEntropy(torch.autograd.Function):
     ``stats``: under activation checkpointing (:func:`chunked_logprobs`) the chunk is recomputed
     in backward only to get its logits back; the first forward leaves its ``logsumexp`` and
     entropy in this dict and the recomputation reuses them instead of sweeping the logits again.
-    Its ``"buffers"`` (:func:`_buffer`) hold the forward's two float buffers across chunks, and
-    ``stats["backward"]`` (``{"buffers": ..., "pending": chunks}``) the backward's, freed by the
-    last chunk's backward (all of them run before the trunk's backward, which needs their sum).
+    Its ``"buffers"`` (:func:`_buffer`) hold the forward's two float buffers across chunks. The
+    backward allocates its own per chunk: buffers kept across the backward's chunks would be
+    alive during the head's weight-gradient matmul, where the head's peak is
+    (``tools/bench_logprobs.py``: +0.6 GiB at Qwen3-VL-2B's head).
     """
 
     @staticmethod
     def forward(ctx, z: Tensor, targets: Tensor, temperature: float, with_entropy: bool,
                 stats: dict | None = None):
         ctx.temperature, ctx.with_entropy = temperature, with_entropy
-        ctx.backward_stats = None if stats is None else stats.get("backward")
         ctx.set_materialize_grads(False)
         if stats is not None and "lse" in stats:  # checkpoint's recomputation: the logits are what it is for
             lse, ent = stats["lse"], stats["ent"]
@@ -126,10 +126,9 @@ class _LogprobEntropy(torch.autograd.Function):
     def backward(ctx, g_logp: Tensor | None, g_ent: Tensor | None):
         z, targets, lse, ent = ctx.saved_tensors
         T = ctx.temperature if ctx.temperature > 0 and ctx.temperature != 1.0 else 1.0
-        s = _scaled(z, 1.0, _buffer(ctx.backward_stats, "s", z))
+        s = _scaled(z, 1.0)
         s = torch.add(-lse[:, None], s, alpha=1.0 / T, out=s)  # log p = z / T - lse, (n, V)
-        p = _buffer(ctx.backward_stats, "p", z)
-        p = s.exp() if p is None else torch.exp(s, out=p)
+        p = s.exp()
         # grad_j = p_j (a log p_j + b) + [j = k] g_logp / T, with per-token a and b
         zero = s.new_zeros(s.shape[0])
         g_l = zero if g_logp is None else g_logp.to(s.dtype)
@@ -140,12 +139,7 @@ class _LogprobEntropy(torch.autograd.Function):
         del p
         if g_logp is not None:
             grad.scatter_add_(-1, targets[:, None], (g_l / T)[:, None])
-        grad = grad.to(z.dtype, copy=True)  # never the shared buffer itself
-        if ctx.backward_stats is not None:  # the last chunk's backward frees the shared buffers
-            ctx.backward_stats["pending"] -= 1
-            if ctx.backward_stats["pending"] <= 0:
-                ctx.backward_stats["buffers"].clear()
-        return grad, None, None, None, None
+        return grad.to(z.dtype), None, None, None, None
 
 
 def _chunk(head: torch.nn.Module, h: Tensor, targets: Tensor, temperature: float, with_entropy: bool,
@@ -168,10 +162,9 @@ def chunked_logprobs(hidden: Tensor, head: torch.nn.Module, targets: Tensor, tem
     grad = torch.is_grad_enabled()
     logps, ents = [], []
     buffers: dict[str, Tensor] = {}  # the forward's float buffers, shared by the chunks, freed below
-    backward = {"buffers": {}, "pending": -(-n // chunk_tokens)}  # the backward's, freed by its last chunk
     for s in range(0, n, chunk_tokens):
         h, t = hidden[s:s + chunk_tokens], targets[s:s + chunk_tokens]
-        stats = {"buffers": buffers, "backward": backward}
+        stats = {"buffers": buffers}
         if grad:
             lp, ent = checkpoint(_chunk, head, h, t, temperature, with_entropy, stats, use_reentrant=False)
         else:
