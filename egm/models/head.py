@@ -133,8 +133,7 @@ class _LogprobEntropy(torch.autograd.Function):
         zero = s.new_zeros(s.shape[0])
         g_l = zero if g_logp is None else g_logp.to(s.dtype)
         g_e = zero if (g_ent is None or not ctx.with_entropy) else g_ent.to(s.dtype)
-        b = -(g_e * ent + g_l) / T if ctx.with_entropy and g_ent is not None else -g_l / T
-        a = -g_e / T
+        a, b = -g_e / T, -(g_l + (g_e * ent if ctx.with_entropy else 0)) / T
         grad = s.mul_(a[:, None]).add_(b[:, None]).mul_(p)
         del p
         if g_logp is not None:

@@ -58,14 +58,14 @@ def supported(query: Tensor, dropout: float = 0.0) -> bool:
     return _SUPPORTED and query.device.type == "cpu" and not dropout
 
 
-def _slots(x: Tensor, groups: int, width: int) -> Tensor:
+def slots(x: Tensor, groups: int, width: int) -> Tensor:
     """``(R, h, G C, ...)`` slot by slot -> ``(R G, h, C, ...)``."""
     R, h = x.shape[:2]
     return x.reshape(R, h, groups, width, *x.shape[3:]).transpose(1, 2).reshape(R * groups, h, width, *x.shape[3:])
 
 
-def _unslots(x: Tensor, rows: int) -> Tensor:
-    """Inverse of :func:`_slots`."""
+def unslots(x: Tensor, rows: int) -> Tensor:
+    """Inverse of :func:`slots`: ``(R G, h, C, ...)`` -> ``(R, h, G C, ...)``."""
     RG, h, C = x.shape[:3]
     G = RG // rows
     return x.reshape(rows, G, h, C, *x.shape[3:]).transpose(1, 2).reshape(rows, h, G * C, *x.shape[3:])
@@ -78,8 +78,8 @@ class _PrefixCompletionAttention(torch.autograd.Function):
         fwd, _ = _ops()
         R = qc.shape[0]
         o1, lse1 = fwd(qc, kp, vp, 0.0, False, attn_mask=prefix_bias, scale=scale)
-        o2, lse2 = fwd(*(_slots(x, groups, width) for x in (qc, kc, vc)), 0.0, True, scale=scale)
-        o2, lse2 = _unslots(o2, R), _unslots(lse2, R)
+        o2, lse2 = fwd(*(slots(x, groups, width) for x in (qc, kc, vc)), 0.0, True, scale=scale)
+        o2, lse2 = unslots(o2, R), unslots(lse2, R)
         lse = torch.logaddexp(lse1, lse2)
         out = (o1.to(lse.dtype) * (lse1 - lse).exp_()[..., None]).add_(o2.to(lse.dtype) * (lse2 - lse).exp_()[..., None])
         out = out.to(qc.dtype)
@@ -94,9 +94,9 @@ class _PrefixCompletionAttention(torch.autograd.Function):
         G, C, scale = ctx.groups, ctx.width, ctx.scale
         grad_out = grad_out.contiguous()
         dq1, dkp, dvp = bwd(grad_out, qc, kp, vp, out, lse, 0.0, False, attn_mask=prefix_bias, scale=scale)
-        dq2, dkc, dvc = bwd(*(_slots(x, G, C) for x in (grad_out, qc, kc, vc, out, lse)), 0.0, True, scale=scale)
+        dq2, dkc, dvc = bwd(*(slots(x, G, C) for x in (grad_out, qc, kc, vc, out, lse)), 0.0, True, scale=scale)
         R = qc.shape[0]
-        return dq1 + _unslots(dq2, R), dkp, dvp, _unslots(dkc, R), _unslots(dvc, R), None, None, None, None
+        return dq1 + unslots(dq2, R), dkp, dvp, unslots(dkc, R), unslots(dvc, R), None, None, None, None
 
 
 def prefix_completion_attention(qc: Tensor, kp: Tensor, vp: Tensor, kc: Tensor, vc: Tensor,

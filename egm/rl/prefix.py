@@ -185,9 +185,6 @@ def split_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor, 
     if layout.width:
         G, C = layout.groups, layout.width
 
-        def slots(x: Tensor) -> Tensor:  # (R, h, G * C, d) -> (R * G, h, C, d)
-            return x.view(R, x.shape[1], G, C, d).transpose(1, 2).reshape(R * G, x.shape[1], C, d)
-
         def after_prompt(own: Tensor, prompt: Tensor) -> Tensor:  # [prompt ; own] keys per slot
             shared = prompt[:, None].expand(R, G, *prompt.shape[1:]).reshape(R * G, *prompt.shape[1:])
             return torch.cat([shared, own], 2)
@@ -203,13 +200,14 @@ def split_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor, 
             # its own keys in another, merged by log-sum-exp: no copy of the prompt's K/V
             out_c = merged_attention.prefix_completion_attention(qc, kp, vp, kc, vc, layout.prefix_valid, G, C,
                                                                  scaling).transpose(1, 2)
-        elif torch.is_grad_enabled() and not dropout:
-            qc, kc, vc = slots(qc), slots(kc), slots(vc)
-            # the prompt's keys and values expanded G times would be saved for backward in every
-            # layer (G x the prompt's K/V): recompute them in backward from the unexpanded ones
-            out_c = torch.utils.checkpoint.checkpoint(completions, qc, kc, vc, kp, vp, use_reentrant=False)
         else:
-            out_c = completions(slots(qc), slots(kc), slots(vc), kp, vp)
+            qc, kc, vc = (merged_attention.slots(x, G, C) for x in (qc, kc, vc))  # (R G, h, C, d)
+            if torch.is_grad_enabled() and not dropout:
+                # the prompt's keys and values expanded G times would be saved for backward in every
+                # layer (G x the prompt's K/V): recompute them in backward from the unexpanded ones
+                out_c = torch.utils.checkpoint.checkpoint(completions, qc, kc, vc, kp, vp, use_reentrant=False)
+            else:
+                out_c = completions(qc, kc, vc, kp, vp)
         parts.append(out_c.reshape(-1, H, d))  # (R * G * C, H, d)
     parts.append(query.new_zeros(1, H, d))
     return torch.cat(parts)[layout.source].view(R, L, H, d), None
