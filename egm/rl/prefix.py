@@ -175,7 +175,11 @@ def split_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor, 
     R, H, L, d = query.shape
 
     def take(x: Tensor, index: Tensor) -> Tensor:  # (R, h, L, d) at (R, n) -> (R, h, n, d)
-        return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, d))
+        # one row copy per position from the (R L, h d) token rows (the projections' own layout, so
+        # no copy before it); a gather over (R, h, n, d) would read an int64 index per element
+        rows = x.transpose(1, 2).reshape(R * L, -1)
+        flat = (index + torch.arange(R, device=index.device)[:, None] * L).reshape(-1)
+        return rows.index_select(0, flat).view(R, index.shape[1], x.shape[1], d).transpose(1, 2)
 
     qp, kp, vp = (take(x, layout.prefix_index) for x in (query, key, value))
     # prompts are right-padded within their block, so plain causal attention never lets a real
@@ -210,7 +214,7 @@ def split_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor, 
                 out_c = completions(qc, kc, vc, kp, vp)
         parts.append(out_c.reshape(-1, H, d))  # (R * G * C, H, d)
     parts.append(query.new_zeros(1, H, d))
-    return torch.cat(parts)[layout.source].view(R, L, H, d), None
+    return torch.cat(parts).index_select(0, layout.source).view(R, L, H, d), None
 
 
 AttentionInterface.register(SPLIT_ATTENTION, split_prefix_attention)
