@@ -33,8 +33,10 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 # 512 tokens x 151,936 rows x 4 bytes = 0.31 GB per float32 buffer; a chunk's backward holds
-# about three of them (logits, probabilities, their gradient). tools/bench_logprobs.py measures it.
+# about two of them (logits, their gradient). tools/bench_logprobs.py measures it.
 DEFAULT_CHUNK_TOKENS = 512
+# float32 elements per block of the head's backward sweep on CPU (:func:`backward_block_rows`)
+BACKWARD_BLOCK_ELEMENTS = 1 << 20
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -77,16 +79,16 @@ class _LogprobEntropy(torch.autograd.Function):
     Each pass over the ``(n, V)`` logits is a memory-bound sweep of ``V = 151,936`` floats per
     token, so the passes are counted: the forward takes 7 (copy, scale, max, shift, exp, sum, and
     one batched dot product ``sum_j e_j s_j`` for the entropy; without the entropy the exponentials
-    overwrite the shifted logits, so no second buffer is allocated), the backward 7 (copy, shift,
-    exp, multiply-add, product, cast back).
+    overwrite the shifted logits, so no second buffer is allocated), the backward 6 (copy, shift,
+    exp, two per-token affine terms, product), swept block by block of rows
+    (:func:`backward_block_rows`) and written into the gradient in the logits' dtype.
 
     ``stats``: under activation checkpointing (:func:`chunked_logprobs`) the chunk is recomputed
     in backward only to get its logits back; the first forward leaves its ``logsumexp`` and
     entropy in this dict and the recomputation reuses them instead of sweeping the logits again.
     Its ``"buffers"`` (:func:`_buffer`) hold the forward's two float buffers across chunks. The
-    backward allocates its own per chunk: buffers kept across the backward's chunks would be
-    alive during the head's weight-gradient matmul, where the head's peak is
-    (``tools/bench_logprobs.py``: +0.6 GiB at Qwen3-VL-2B's head).
+    backward holds no ``(n, V)`` float buffer, only its blocks and the gradient itself: nothing
+    beyond that is alive during the head's weight-gradient matmul, where the head's peak is.
     """
 
     @staticmethod
@@ -126,19 +128,43 @@ class _LogprobEntropy(torch.autograd.Function):
     def backward(ctx, g_logp: Tensor | None, g_ent: Tensor | None):
         z, targets, lse, ent = ctx.saved_tensors
         T = ctx.temperature if ctx.temperature > 0 and ctx.temperature != 1.0 else 1.0
-        s = _scaled(z, 1.0)
-        s = torch.add(-lse[:, None], s, alpha=1.0 / T, out=s)  # log p = z / T - lse, (n, V)
-        p = s.exp()
+        dtype = _compute_dtype(z.dtype)
+        zero = lse.new_zeros(z.shape[0])
+        g_l = zero if g_logp is None else g_logp.to(dtype)
+        g_e = zero if (g_ent is None or not ctx.with_entropy) else g_ent.to(dtype)
         # grad_j = p_j (a log p_j + b) + [j = k] g_logp / T, with per-token a and b
-        zero = s.new_zeros(s.shape[0])
-        g_l = zero if g_logp is None else g_logp.to(s.dtype)
-        g_e = zero if (g_ent is None or not ctx.with_entropy) else g_ent.to(s.dtype)
         a, b = -g_e / T, -(g_l + (g_e * ent if ctx.with_entropy else 0)) / T
-        grad = s.mul_(a[:, None]).add_(b[:, None]).mul_(p)
-        del p
-        if g_logp is not None:
-            grad.scatter_add_(-1, targets[:, None], (g_l / T)[:, None])
-        return grad.to(z.dtype), None, None, None, None
+        g_t = (g_l / T)[:, None]
+        grad = torch.empty_like(z)
+        rows = backward_block_rows(z)
+        s = p = None
+        for i in range(0, z.shape[0], rows):
+            j = min(i + rows, z.shape[0])
+            if s is None or s.shape[0] != j - i:
+                s, p = (torch.empty(j - i, z.shape[1], dtype=dtype, device=z.device) for _ in range(2))
+            torch.add(-lse[i:j, None], s.copy_(z[i:j]), alpha=1.0 / T, out=s)  # log p = z / T - lse
+            torch.exp(s, out=p)
+            s.mul_(a[i:j, None]).add_(b[i:j, None]).mul_(p)
+            if g_logp is not None:
+                s.scatter_add_(-1, targets[i:j, None], g_t[i:j])
+            grad[i:j] = s
+        return grad, None, None, None, None
+
+
+def backward_block_rows(z: Tensor) -> int:
+    """Rows of the ``(n, V)`` logits that :class:`_LogprobEntropy`'s backward sweeps at a time.
+
+    Why: the backward's six passes (copy, shift, exp, two per-token affine terms, product) read
+    and write each element several times. Over whole ``(n, V)`` float32 buffers every pass is a
+    trip to main memory, and each fresh buffer of that size costs its page faults; a block of
+    about 4 MiB stays in the processor's cache across the passes and is reused from block to block
+    (``tools/bench_logprobs.py`` measures the head). A GPU
+    keeps the whole chunk as one block: there each pass is one kernel launch, and the launches
+    would multiply.
+    """
+    if z.device.type != "cpu":
+        return max(z.shape[0], 1)
+    return max(BACKWARD_BLOCK_ELEMENTS // max(z.shape[1], 1), 1)
 
 
 def _chunk(head: torch.nn.Module, h: Tensor, targets: Tensor, temperature: float, with_entropy: bool,

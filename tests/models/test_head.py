@@ -21,6 +21,7 @@ from reference_head import plain_token_logprobs
 from egm.data.manifest import read_manifest
 from egm.data.synthetic import make_synthetic
 from egm.models import ADAPTERS, LoraSettings
+from egm.models import head as head_module
 from egm.models.head import chunked_logprobs, completion_logprobs, label_cross_entropy, masked_logprobs
 
 REL = 1e-6
@@ -40,7 +41,12 @@ def _reference(h, W, tgt, T):
 
 @pytest.mark.parametrize("chunk", [1, 7, 1000])  # one token, odd, more than the 37 tokens
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunks_equal_the_full_softmax_in_float64(chunk, temperature):
+# the backward's row blocks: the default (one block here), 3 rows (a shorter last block), 1 row
+@pytest.mark.parametrize("block_elements", [None, 150, 1])
+def test_chunks_equal_the_full_softmax_in_float64(chunk, temperature, block_elements, monkeypatch):
+    if block_elements is not None:
+        monkeypatch.setattr(head_module, "BACKWARD_BLOCK_ELEMENTS", block_elements)
+        assert head_module.backward_block_rows(torch.zeros(37, 50)) == max(block_elements // 50, 1)
     g = torch.Generator().manual_seed(0)
     n, H, V = 37, 8, 50
     head = torch.nn.Linear(H, V, bias=False).double()
