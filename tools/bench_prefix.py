@@ -20,7 +20,11 @@ as it computes them, groups kept whole by the shared prefix), every path through
 model and inputs (a whole-sequence forward per response, ``logits_to_keep``,
 ``selective_log_softmax``, entropy without gradient). Peak memory: each round's peak RSS growth in
 this process (freed memory returned with ``malloc_trim`` and the high-water mark reset through
-``/proc/self/clear_refs`` before each round; Linux). A cost model (:func:`predicted_speedup`)
+``/proc/self/clear_refs`` before each round; Linux). Each round line also gives ``sys_s``, the
+kernel time of the round: on CPU it is mostly the page faults of memory the allocator takes fresh
+from the system (every round starts trimmed), which glibc's transparent huge pages
+(``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` where the kernel's THP mode is ``madvise``) cut.
+A cost model (:func:`predicted_speedup`)
 prints the speed-up the arithmetic predicts for this trunk and for the released sizes.
 
     .venv-test/bin/python tools/bench_prefix.py --family qwen3_vl --G 16 --C 120 --hidden 512 --layers 96 \
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import resource
 import statistics
 import tempfile
 import time
@@ -229,6 +234,7 @@ def run_round(path: str, ad, model, ref, ro, a) -> dict[str, float]:
     set_path(path, model, ref)
     micros = micro_batches(path, ro, a)
     base = reset_peak()
+    sys0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime
     out = {}
     for name, m in (("old", model), ("ref", ref)):
         t0 = time.perf_counter()
@@ -249,6 +255,7 @@ def run_round(path: str, ad, model, ref, ro, a) -> dict[str, float]:
     opt.zero_grad(set_to_none=True)
     out["update"] = time.perf_counter() - t0
     out["peak_gib"] = vm("VmHWM") - base
+    out["sys_s"] = resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys0  # mostly page faults of fresh memory
     out["micro_batches"] = len(micros)
     return out
 
