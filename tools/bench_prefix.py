@@ -22,10 +22,10 @@ model and inputs (a whole-sequence forward per response, ``logits_to_keep``,
 this process (freed memory returned with ``malloc_trim`` and the high-water mark reset through
 ``/proc/self/clear_refs`` before each round; Linux). Each round line also gives ``sys_s``, the
 kernel time of the round: on CPU it is mostly the page faults of memory the allocator takes fresh
-from the system (every round starts trimmed), which glibc's transparent huge pages
-(``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` where the kernel's THP mode is ``madvise``) cut.
-A cost model (:func:`predicted_speedup`)
-prints the speed-up the arithmetic predicts for this trunk and for the released sizes.
+from the system (every round starts trimmed). glibc's transparent huge pages
+(``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` where the kernel's THP mode is ``madvise``) cut the
+number of faults but not that time (docs/shared_prefix.md, run g). A cost model
+(:func:`predicted_speedup`) prints the speed-up the arithmetic predicts for this trunk and for the released sizes.
 
     .venv-test/bin/python tools/bench_prefix.py --family qwen3_vl --G 16 --C 120 --hidden 512 --layers 96 \
         --micro-tokens 4096 --dtype bfloat16 --trl --repeat 2 --threads 2

@@ -136,12 +136,11 @@ class _LogprobEntropy(torch.autograd.Function):
         a, b = -g_e / T, -(g_l + (g_e * ent if ctx.with_entropy else 0)) / T
         g_t = (g_l / T)[:, None]
         grad = torch.empty_like(z)
-        rows = backward_block_rows(z)
-        s = p = None
+        rows = max(min(backward_block_rows(z), z.shape[0]), 1)
+        blocks = [torch.empty(rows, z.shape[1], dtype=dtype, device=z.device) for _ in range(2)]
         for i in range(0, z.shape[0], rows):
             j = min(i + rows, z.shape[0])
-            if s is None or s.shape[0] != j - i:
-                s, p = (torch.empty(j - i, z.shape[1], dtype=dtype, device=z.device) for _ in range(2))
+            s, p = (x[:j - i] for x in blocks)  # the last block may be shorter
             torch.add(-lse[i:j, None], s.copy_(z[i:j]), alpha=1.0 / T, out=s)  # log p = z / T - lse
             torch.exp(s, out=p)
             s.mul_(a[i:j, None]).add_(b[i:j, None]).mul_(p)
@@ -158,9 +157,8 @@ def backward_block_rows(z: Tensor) -> int:
     and write each element several times. Over whole ``(n, V)`` float32 buffers every pass is a
     trip to main memory, and each fresh buffer of that size costs its page faults; a block of
     about 4 MiB stays in the processor's cache across the passes and is reused from block to block
-    (``tools/bench_logprobs.py`` measures the head). A GPU
-    keeps the whole chunk as one block: there each pass is one kernel launch, and the launches
-    would multiply.
+    (``tools/bench_logprobs.py`` measures the head). A GPU keeps the whole chunk as one block:
+    there each pass is one kernel launch, and the launches would multiply.
     """
     if z.device.type != "cpu":
         return max(z.shape[0], 1)
