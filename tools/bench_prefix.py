@@ -24,7 +24,10 @@ this process (freed memory returned with ``malloc_trim`` and the high-water mark
 kernel time of the round: on CPU it is mostly the page faults of memory the allocator takes fresh
 from the system (every round starts trimmed). glibc's transparent huge pages
 (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` where the kernel's THP mode is ``madvise``) cut the
-number of faults but not that time (docs/shared_prefix.md, run g). A cost model
+number of faults but not that time (docs/shared_prefix.md, run g). The first line printed is this
+CPU's matmul rate in float32 and bf16 (:func:`matmul_gflops`); ``--dtype bfloat16`` stops there
+with an error where bf16 is over 4x slower than float32 (x86 CPUs with AVX2 but no AVX512 have
+no bf16 GEMM kernel: a round would take hours). A cost model
 (:func:`predicted_speedup`) prints the speed-up the arithmetic predicts for this trunk and for the released sizes.
 
     .venv-test/bin/python tools/bench_prefix.py --family qwen3_vl --G 16 --C 120 --hidden 512 --layers 96 \
@@ -282,6 +285,19 @@ def reset_peak() -> float:
     return vm("VmRSS")
 
 
+def matmul_gflops(dtype: torch.dtype, n: int = 256, reps: int = 4) -> float:
+    """This CPU's rate for an ``n x n`` matmul in ``dtype`` (GFLOP/s): a fingerprint of the machine
+    printed with the results, and the check that ``--dtype bfloat16`` is usable here at all. Where
+    the CPU has no bf16 GEMM kernel (AVX2-only x86: no AVX512 for oneDNN's bf16 path), torch falls
+    back to a reference loop several hundred times slower than float32."""
+    x = torch.randn(n, n, dtype=dtype)
+    x @ x
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        x @ x
+    return reps * 2 * n**3 / (time.perf_counter() - t0) / 1e9
+
+
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", choices=["qwen3_vl", "internvl"], default="qwen3_vl")
@@ -309,6 +325,13 @@ def main() -> None:
     a = parse()
     if a.threads:
         torch.set_num_threads(a.threads)
+    rates = {dt: matmul_gflops(getattr(torch, dt)) for dt in ("float32", "bfloat16")}
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}; matmul 256x256: "
+          + ", ".join(f"{dt} {r:.1f} GFLOP/s" for dt, r in rates.items()), flush=True)
+    if a.dtype == "bfloat16" and rates["bfloat16"] < rates["float32"] / 4:
+        raise SystemExit(f"--dtype bfloat16: this CPU multiplies bf16 matrices at {rates['bfloat16']:.1f} GFLOP/s "
+                         f"against {rates['float32']:.1f} in float32 (no bf16 GEMM kernel); a round would take "
+                         "hours. Run with --dtype float32.")
     from egm.models.tiny import tiny_checkpoint
 
     if a.trl:
