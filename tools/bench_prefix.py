@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 VOCAB = 151_936
+PROBE_N = 256  # matmul size of the machine fingerprint (matmul_gflops)
 
 
 def build(family: str, a, tiny: Path):
@@ -285,7 +286,7 @@ def reset_peak() -> float:
     return vm("VmRSS")
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 256, reps: int = 4) -> float:
+def matmul_gflops(dtype: torch.dtype, n: int = PROBE_N, reps: int = 4) -> float:
     """This CPU's rate for an ``n x n`` matmul in ``dtype`` (GFLOP/s): a fingerprint of the machine
     printed with the results, and the check that ``--dtype bfloat16`` is usable here at all. Where
     the CPU has no bf16 GEMM kernel (AVX2-only x86: no AVX512 for oneDNN's bf16 path), torch falls
@@ -326,7 +327,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     rates = {dt: matmul_gflops(getattr(torch, dt)) for dt in ("float32", "bfloat16")}
-    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}; matmul 256x256: "
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}; matmul {PROBE_N}x{PROBE_N}: "
           + ", ".join(f"{dt} {r:.1f} GFLOP/s" for dt, r in rates.items()), flush=True)
     if a.dtype == "bfloat16" and rates["bfloat16"] < rates["float32"] / 4:
         raise SystemExit(f"--dtype bfloat16: this CPU multiplies bf16 matrices at {rates['bfloat16']:.1f} GFLOP/s "
